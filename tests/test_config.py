@@ -1,0 +1,74 @@
+import pytest
+import torch
+
+from fpt_fast import FPT, FPTConfig
+from helpers import TINY, tiny_config
+
+
+def test_presets_follow_the_spec():
+    fpt = FPTConfig.preset("fpt")
+    plus = FPTConfig.preset("fpt+")
+    assert fpt.layers == tuple(range(12)) and plus.layers == tuple(range(6, 12))
+    assert (fpt.num_prompts, fpt.side_reduction_ratio, fpt.prompt_reduction_ratio) == (16, 8, 8)
+    assert (plus.num_prompts, plus.side_reduction_ratio, plus.prompt_reduction_ratio) == (16, 8, 1)
+    assert (fpt.prompt_norm, fpt.prompt_proj, plus.prompt_norm, plus.prompt_proj) == (False, True, True, False)
+    assert fpt.side_input_size == (224, 224) and plus.side_input_size == (128, 128)
+    assert fpt.image_size == plus.image_size == (512, 512)
+    assert fpt.token_ratio == plus.token_ratio == 0.2 and fpt.importance == plus.importance == "global"
+    # ViT-B/16 at 512: N = 1 + 32 * 32 = 1025, n = floor(0.2 * 1025) = 205
+    assert fpt.num_tokens == 1025 and fpt.num_selected == 205
+
+
+def test_overrides_and_non_square():
+    cfg = FPTConfig.preset("fpt+", image_size=(512, 256), extracted_layers=[11, 3])
+    assert cfg.image_size == (512, 256) and cfg.layers == (3, 11)
+    assert cfg.num_tokens == 1 + 32 * 16
+
+
+@pytest.mark.parametrize("preset, target", [("fpt", 1.81), ("fpt+", 1.03)])
+def test_learnable_share_matches_the_papers(preset, target):
+    with torch.device("meta"):  # no memory, no weights
+        model = FPT(FPTConfig.preset(preset, backbone="vit_base_patch16_384", num_classes=5))
+    assert abs(model.learnable_share() * 100 - target) <= 0.2
+
+
+BAD = [
+    (dict(token_ratio=0.0), "token_ratio"),
+    (dict(token_ratio=1.5), "token_ratio"),
+    (dict(token_ratio=0.01), "token_ratio"),                 # n = floor(13 * 0.01) = 0
+    (dict(extracted_layers=[0, 3]), "extracted_layers"),     # 3 blocks only
+    (dict(extracted_layers=[-1]), "extracted_layers"),
+    (dict(extracted_layers=[1, 1]), "extracted_layers"),
+    (dict(image_size=(64, 50)), "image_size"),
+    (dict(side_input_size=30), "side_input_size"),
+    (dict(prompt_reduction_ratio=8, prompt_proj=False), "prompt_reduction_ratio"),
+    (dict(prompt_reduction_ratio=4, prompt_proj=True), "prompt_reduction_ratio"),  # 16: neither 64 nor 8
+    (dict(importance="cls"), "importance"),
+    (dict(importance="class_token", backbone_kwargs=dict(TINY["backbone_kwargs"], class_token=False,
+                                                         global_pool="avg")), "importance"),
+    (dict(backbone="not_a_model"), "backbone"),
+    (dict(num_classes=0), "num_classes"),
+    (dict(side_reduction_ratio=3), "side_reduction_ratio"),
+    (dict(attention_backend="fast"), "attention_backend"),
+    (dict(frozen_dtype="float64"), "frozen_dtype"),
+    (dict(frozen_chunk_size=0), "frozen_chunk_size"),
+    (dict(op_backend="cuda"), "op_backend"),
+    (dict(dropout=1.0), "dropout"),
+]
+
+
+@pytest.mark.parametrize("overrides, field", BAD, ids=[f for _, f in BAD])
+def test_bad_configuration_names_the_field(overrides, field):
+    with pytest.raises(ValueError, match=rf"FPTConfig\.{field}"):
+        tiny_config("fpt", **overrides)
+
+
+def test_unknown_preset():
+    with pytest.raises(ValueError, match="preset"):
+        FPTConfig.preset("lora")
+
+
+def test_round_trip_through_dict():
+    cfg = tiny_config("fpt+")
+    again = FPTConfig(**cfg.to_dict())
+    assert again.to_dict() == cfg.to_dict()
