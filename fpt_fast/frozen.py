@@ -57,21 +57,36 @@ def check_architecture(backbone: nn.Module, layers) -> None:
                              f"VisionTransformer-style blocks with a fused qkv projection")
 
 
-def extraction_backend(attention_backend: str, device: torch.device) -> str:
-    """The fpt_fast.ops backend that runs the attention of the extracted blocks."""
-    if attention_backend == "math":
-        return "reference"
-    if attention_backend == "triton":
-        return "triton"
-    if attention_backend == "sdpa":
-        return "torch"
-    if attention_backend == "xformers":
-        raise ValueError("attention_backend='xformers' is not available in this build; use 'auto', "
-                         "'sdpa', 'triton' or 'math'")
-    # auto: the fused Triton kernels where they run natively, the chunked torch path elsewhere.
-    use_triton = device.type == "cuda" and ops.unsupported_reason("triton", "attention_with_importance",
-                                                                  device, torch.float32, 64) is None
-    return "triton" if use_triton else "torch"
+FROZEN_ATTENTION = ("triton", "sdpa", "math")
+# What each attention_backend runs: (fpt_fast.ops backend of the extracted blocks, whether the other
+# blocks use timm's fused scaled_dot_product_attention rather than its eager N x N path).
+_PLAN = {"triton": ("triton", True), "sdpa": ("torch", True), "math": ("reference", False)}
+AUTO_PRIORITY = {"cuda": ("triton", "sdpa"), "cpu": ("sdpa",)}
+
+
+def attention_backends(device, dtype: torch.dtype = torch.float32, head_dim: int = 64) -> dict:
+    """{attention_backend: None if usable on this device/dtype, else why not}."""
+    device = torch.device(device)
+    reasons = {
+        "triton": ops.unsupported_reason("triton", "attention_with_importance", device, dtype, head_dim),
+        "sdpa": None,
+        "math": None,
+        "xformers": "not implemented: no xformers build was available to test it against; "
+                    "'sdpa' and 'triton' cover the same memory-efficient attention",
+    }
+    auto = next((b for b in AUTO_PRIORITY.get(device.type, ("sdpa",)) if reasons[b] is None), "sdpa")
+    return {"auto": f"-> {auto}", **reasons}
+
+
+def resolve_attention_backend(name: str, device, dtype: torch.dtype = torch.float32, head_dim: int = 64) -> str:
+    """The concrete backend for config.attention_backend on this device. "math" materialises N x N."""
+    device = torch.device(device)
+    table = attention_backends(device, dtype, head_dim)
+    if name == "auto":
+        return table["auto"][3:]
+    if table.get(name) is not None:
+        raise ValueError(f"attention_backend={name!r} cannot run on {device.type} {dtype}: {table[name]}")
+    return name
 
 
 class FrozenBranch(nn.Module):
@@ -90,7 +105,7 @@ class FrozenBranch(nn.Module):
         self.backbone = backbone.eval()
         # Non-extracted blocks run timm's own attention: fused SDPA, or eager N x N for "math".
         for block in backbone.blocks:
-            block.attn.fused_attn = config.attention_backend != "math"
+            block.attn.fused_attn = _PLAN.get(config.attention_backend, ("", True))[1]
         if config.attention_backend == "math":
             warnings.warn("attention_backend='math' materialises the N x N attention of every block",
                           stacklevel=2)
@@ -120,7 +135,9 @@ class FrozenBranch(nn.Module):
     def _extract(self, images: Tensor) -> FrozenFeatures:
         device = images.device
         dtype = self.compute_dtype(device)
-        backend = extraction_backend(self.config.attention_backend, device)
+        attention = resolve_attention_backend(self.config.attention_backend, device, dtype,
+                                              self.config.info.head_dim)
+        backend = _PLAN[attention][0]
         feature_dtype = DTYPES[self.config.feature_dtype] if self.config.feature_dtype else dtype
         autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32
                     else contextlib.nullcontext())

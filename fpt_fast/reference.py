@@ -170,7 +170,8 @@ def side_forward(side, x_lo: Tensor, prompts: Tensor) -> Tensor:
     else:
         B, _, C = x.shape
         gh, gw = x_lo.shape[-2] // side.patch_embed.patch_size[0], x_lo.shape[-1] // side.patch_embed.patch_size[1]
-    pos = resample_abs_pos_embed(side.pos_embed, (gh, gw), num_prefix_tokens=1)
+    pos = resample_abs_pos_embed(side.pos_embed, (gh, gw), old_size=side.patch_embed.grid_size,
+                                 num_prefix_tokens=1)
     x = torch.cat([side.cls_token.expand(B, -1, -1), x], dim=1) + pos
     P = prompts.shape[2]
     for block, p in zip(side.blocks, prompts):

@@ -98,3 +98,93 @@ def test_local_checkpoint_is_loaded(tmp_path):
     loaded = FrozenBranch(tiny_config("fpt", checkpoint_path=str(path))).backbone
     torch.testing.assert_close(loaded.blocks[0].attn.qkv.weight, full.blocks[0].attn.qkv.weight)
     assert not torch.equal(loaded.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)
+
+
+MEMORY_PROBE = """
+import resource, sys, torch
+from fpt_fast import FPTConfig, FrozenBranch
+size = int(sys.argv[1])
+cfg = FPTConfig.preset("fpt", backbone="vit_tiny_patch16_224", image_size=size, side_input_size=32,
+                       backbone_kwargs=dict(depth=1, embed_dim=64, num_heads=2), extracted_layers=[0])
+frozen = FrozenBranch(cfg)
+frozen(torch.randn(1, 3, 64, 64))  # warm up allocator and kernels at a small size
+x = torch.randn(1, 3, size, size)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+out = frozen(x)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(cfg.num_tokens, (after - before) * 1024)
+"""
+
+
+def test_extraction_never_allocates_n_by_n(tmp_path):
+    """At 1792 px (N = 12545) the reference's probabilities alone need 1.26 GB for one layer of a
+    2-head model; the extraction's peak resident memory grows by a small fraction of that."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "probe.py"
+    script.write_text(MEMORY_PROBE)
+    result = subprocess.run([sys.executable, str(script), "1792"], capture_output=True, text=True, check=True)
+    num_tokens, growth = map(int, result.stdout.split())
+    probs_bytes = 2 * num_tokens * num_tokens * 4
+    assert probs_bytes > 2**30
+    assert growth < 0.25 * probs_bytes, f"peak RSS grew by {growth / 2**20:.0f} MiB"
+
+
+def test_training_step_records_nothing_of_the_frozen_branch():
+    """Without preloading, the autograd graph saves exactly what it saves with preloaded features."""
+    from fpt_fast import FPT
+    from fpt_fast.model import resize_for_side
+
+    torch.manual_seed(0)
+    model = FPT(tiny_config("fpt")).train()
+    x_hi = torch.randn(2, 3, *model.config.image_size)
+
+    def saved_bytes(fn):
+        total = []
+
+        def pack(t):
+            total.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            torch.manual_seed(1)
+            fn().sum().backward()
+        return sum(total)
+
+    features = model.extract(x_hi)
+    x_lo = resize_for_side(x_hi, model.config.side_input_size)
+    assert saved_bytes(lambda: model(x_hi)) == saved_bytes(lambda: model.forward_features(x_lo, features))
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "math", "triton"])
+@pytest.mark.parametrize("variant", ["plain", "dinov2_reg4_patch14", "qk_norm"])
+def test_every_attention_backend_matches_reference(backend, variant):
+    kwargs = {
+        "plain": dict(image_size=(48, 32)),
+        "dinov2_reg4_patch14": dict(backbone="vit_small_patch14_reg4_dinov2", image_size=(42, 28), side_input_size=28,
+                                    backbone_kwargs=dict(depth=2, embed_dim=64, num_heads=2)),
+        "qk_norm": dict(image_size=(32, 64), backbone_kwargs=dict(depth=2, embed_dim=64, num_heads=2, qk_norm=True)),
+    }[variant]
+    cfg = tiny_config("fpt", attention_backend=backend, **kwargs)
+    x = torch.randn(2, 3, *cfg.image_size)
+    if backend == "math":
+        with pytest.warns(UserWarning, match="N x N"):
+            FrozenBranch(cfg)
+    _, fast, (ref_k, ref_v) = extract_both(cfg, x)
+    assert_same_rows(fast.keys, ref_k, atol=1e-4)
+    assert_same_rows(fast.values, ref_v, atol=1e-4)
+
+
+def test_bfloat16_frozen_branch_keeps_most_tokens():
+    cfg32 = tiny_config("fpt", token_ratio=0.5)
+    x = torch.randn(2, 3, *cfg32.image_size)
+    torch.manual_seed(0)
+    ref = FrozenBranch(cfg32)(x)
+    torch.manual_seed(0)
+    low = FrozenBranch(tiny_config("fpt", token_ratio=0.5, frozen_dtype="bfloat16"))(x)
+    assert low.keys.dtype == torch.bfloat16
+    # A random tiny backbone attends almost uniformly, so bf16 rounding swaps some near-tied tokens;
+    # the rows that are kept by both agree to bf16 precision.
+    dist = torch.cdist(low.keys.float().flatten(0, 2), ref.keys.flatten(0, 2)).amin(-1)
+    assert (dist < 0.05).float().mean() > 0.7
