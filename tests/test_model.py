@@ -21,8 +21,8 @@ VARIANTS = {
 }
 
 
-def build(variant, seed=0):
-    spec = dict(VARIANTS[variant])
+def build(variant, seed=0, **overrides):
+    spec = dict(VARIANTS[variant], **overrides)
     torch.manual_seed(seed)
     model = FPT(tiny_config(spec.pop("preset"), **spec))
     # Prompts start at N(0, 1e-6^2); make them matter so the comparison tests something.
@@ -31,9 +31,14 @@ def build(variant, seed=0):
     return model
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
-def test_logits_and_gradients_match_reference(variant):
-    model = build(variant).eval()
+CASES = [(v, "auto") for v in VARIANTS] + [("fpt", "triton"), ("fpt+", "triton"), ("head_dim_80", "triton")]
+
+
+@pytest.mark.parametrize("variant, backend", CASES, ids=[f"{v}-{b}" for v, b in CASES])
+def test_logits_and_gradients_match_reference(variant, backend):
+    """backend "triton": every fused op of the model (extraction and fusion) runs the Triton kernels."""
+    overrides = {} if backend == "auto" else dict(op_backend=backend, attention_backend=backend)
+    model = build(variant, **overrides).eval()
     cfg = model.config
     torch.manual_seed(1)
     x_hi = torch.randn(3, 3, *cfg.image_size)
