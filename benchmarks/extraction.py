@@ -1,0 +1,352 @@
+"""`python -m benchmarks.extraction`: the frozen branch alone (what preloading runs once per image).
+
+Providers, same backbone weights, same input:
+    timm_sdpa        a plain timm inference forward (forward_features) with fused SDPA attention:
+                     the speed a frozen branch should approach (target: fpt_fast >= 0.8x its img/s)
+    fpt_fast_fpt     fpt_fast.FrozenBranch, FPT preset (all 12 layers extracted)
+    fpt_fast_fpt+    fpt_fast.FrozenBranch, FPT+ preset (layers 6-11 extracted)
+    reference_fpt    fpt_fast.reference.extract_features (eager N x N attention, sort), FPT layers
+    reference_fpt+   the same, FPT+ layers
+Rows: img/s, peak extra memory (max_memory_allocated minus the inputs and weights), the ratio to
+timm's img/s and to the reference's memory; then the largest resolution (multiple of 16) that fits
+at --search-batch for reference and fpt_fast (doubling, then bisection, stopping at OOM); and on
+the CPU a device-independent peak of live tensors (LiveBytes) for fpt_fast vs the reference.
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+from fpt_fast import FPTConfig, FrozenBranch, reference
+
+from . import common
+from .training import BACKBONES
+
+PROVIDERS = ("timm_sdpa", "fpt_fast_fpt", "fpt_fast_fpt+", "reference_fpt", "reference_fpt+")
+
+
+class Extractors:
+    """The providers' callables over one set of frozen weights (FPT and FPT+ branches share them)."""
+
+    def __init__(self, spec: tuple, device, base_res: int):
+        name, self.label, kwargs = spec
+        self.device = torch.device(device)
+        with torch.device(self.device):
+            self.fpt = FrozenBranch(FPTConfig.preset("fpt", backbone=name, backbone_kwargs=dict(kwargs),
+                                                     image_size=base_res))
+            self.fpt_plus = FrozenBranch(FPTConfig.preset("fpt+", backbone=name, backbone_kwargs=dict(kwargs),
+                                                          image_size=base_res))
+        # Same weights in both branches, so every provider reads the same model.
+        self.fpt_plus.backbone.load_state_dict(self.fpt.backbone.state_dict(), strict=False)
+        self.dtype = self.fpt.compute_dtype(self.device)
+
+    def _autocast(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def fn(self, provider: str, x: torch.Tensor) -> Callable[[], object]:
+        if provider == "timm_sdpa":
+            bb = self.fpt.backbone
+
+            def timm_forward():
+                with torch.no_grad(), self._autocast():
+                    return bb.forward_features(x)
+            return timm_forward
+        if provider.startswith("fpt_fast"):
+            branch = self.fpt_plus if provider.endswith("+") else self.fpt
+            return lambda: branch(x)
+        branch = self.fpt_plus if provider.endswith("+") else self.fpt
+        cfg = branch.config
+
+        def reference_forward():
+            n = num_selected(cfg, x.shape[-2:])
+            with torch.no_grad(), self._autocast():
+                return reference.extract_features(branch.backbone, x, cfg.layers, n, cfg.importance)
+        return reference_forward
+
+
+def num_selected(cfg: FPTConfig, size) -> int:
+    from fpt_fast.config import num_selected_tokens
+
+    ph, pw = cfg.info.patch_size
+    return num_selected_tokens(cfg.info.num_prefix_tokens + (size[0] // ph) * (size[1] // pw), cfg.token_ratio)
+
+
+# --------------------------------------------------------------------------- throughput
+def bench_throughput(ex: Extractors, res: int, batch: int, args, peaks, budget, gen) -> List[dict]:
+    device = ex.device
+    label = common.device_label(device)
+    dtype_text = "bf16-autocast" if ex.dtype == torch.bfloat16 else common.dtype_name(ex.dtype)
+    shape = f"{ex.label}@{res} B={batch}"
+    rows = []
+    x = torch.randn(batch, 3, res, res, device=device, generator=gen)
+    for provider in args.providers:
+        r = common.row("extract", provider, "fwd", shape, dtype_text, label,
+                       params=dict(model=ex.label, resolution=res, batch=batch))
+        rows.append(r)
+        if budget.expired():
+            r.update(status="skipped", reason=budget.reason)
+            continue
+        fn = ex.fn(provider, x)
+        try:
+            ms = common.time_ms(fn, device, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
+            peak = common.peak_extra_bytes(fn, device)
+        except Exception as exc:
+            r.update(status="oom" if common.is_oom(exc) else "error", reason=f"{type(exc).__name__}: {str(exc)[:300]}")
+            del exc
+            fn = None
+            common.clear(device)
+            continue
+        r.update(median_ms=ms, images_per_s=batch / (ms * 1e-3),
+                 peak_extra_mb=None if peak is None else peak / common.MB)
+        fn = None
+        common.clear(device)
+    by = {r["provider"]: r for r in rows if r["status"] == "ok"}
+    timm_row = by.get("timm_sdpa")
+    for r in rows:
+        if r["status"] != "ok":
+            continue
+        if timm_row is not None:
+            r["throughput_vs_timm"] = r["images_per_s"] / timm_row["images_per_s"]
+        ref = by.get("reference_fpt+" if r["provider"].endswith("+") else "reference_fpt")
+        if ref is not None:
+            r["speedup_vs_reference"] = ref["median_ms"] / r["median_ms"]
+            if ref["peak_extra_mb"] and r["peak_extra_mb"] is not None:
+                r["memory_vs_reference"] = r["peak_extra_mb"] / ref["peak_extra_mb"]
+    return rows
+
+
+# ------------------------------------------------------------------ largest resolution search
+def search_max_resolution(fits: Callable[[int], bool], start: int, cap: int, multiple: int = 16,
+                          granularity: int = 64, should_stop: Callable[[int], Optional[str]] = lambda s: None
+                          ) -> dict:
+    """Largest size (a multiple of ``multiple``, at most ``cap``) for which fits(size) is True,
+    assuming fits is monotone: doubling from ``start`` until the first failure, then bisection
+    down to ``granularity``. Halves downwards when ``start`` itself fails.
+
+    Returns {max_fit, first_fail, tried: [[size, ok], ...], stopped}; max_fit None if nothing fit,
+    first_fail None if nothing up to ``cap`` failed.
+    """
+    def snap(size: int) -> int:
+        return max(multiple, size // multiple * multiple)
+
+    tried: List[list] = []
+    lo: Optional[int] = None
+    hi: Optional[int] = None
+    stopped = None
+
+    def probe(size: int) -> Optional[bool]:
+        nonlocal stopped
+        stopped = should_stop(size)
+        if stopped:
+            return None
+        ok = bool(fits(size))
+        tried.append([size, ok])
+        return ok
+
+    size = snap(min(start, cap))
+    while True:  # grow (or shrink) until the boundary is bracketed
+        ok = probe(size)
+        if ok is None:
+            break
+        if ok:
+            lo = size
+            nxt = snap(min(size * 2, cap))
+            if nxt <= size or hi is not None:  # at the cap, or the failure above is known
+                break
+            size = nxt
+        else:
+            hi = size
+            if lo is not None or size <= multiple:
+                break
+            size = snap(size // 2)
+    while stopped is None and lo is not None and hi is not None and hi - lo > granularity:
+        mid = snap((lo + hi) // 2)
+        if mid <= lo or mid >= hi:
+            break
+        ok = probe(mid)
+        if ok is None:
+            break
+        if ok:
+            lo = mid
+        else:
+            hi = mid
+    return {"max_fit": lo, "first_fail": hi, "tried": tried, "stopped": stopped}
+
+
+def max_resolution_rows(ex: Extractors, args, budget, gen) -> List[dict]:
+    device = ex.device
+    label = common.device_label(device)
+    rows = []
+    for provider in args.search_providers:
+        r = common.row("max_resolution", provider, "fwd", f"{ex.label} B={args.search_batch}",
+                       "bf16-autocast" if ex.dtype == torch.bfloat16 else common.dtype_name(ex.dtype), label,
+                       params=dict(model=ex.label, batch=args.search_batch))
+        rows.append(r)
+        last = {}
+
+        def fits(size: int) -> bool:
+            x = torch.randn(args.search_batch, 3, size, size, device=device, generator=gen)
+            fn = ex.fn(provider, x)
+            t0 = time.perf_counter()
+            try:
+                fn()
+                common.sync(device)
+                ok = True
+            except Exception as exc:
+                if not common.is_oom(exc):
+                    raise
+                ok = False
+                del exc
+            last[size] = time.perf_counter() - t0
+            fn = x = None
+            common.clear(device)
+            return ok
+
+        def should_stop(size: int) -> Optional[str]:
+            if budget.expired():
+                return budget.reason
+            if last and args.budget_s is not None:
+                prev = max(last)
+                # Self-attention cost grows with N^2, i.e. (size / prev)^4 in pixels.
+                predicted = last[prev] * (size / prev) ** 4
+                if predicted > args.budget_s - budget.elapsed():
+                    return f"{size} px predicted to take {predicted:.0f} s > remaining budget"
+            return None
+
+        try:
+            found = search_max_resolution(fits, args.search_start, args.search_cap, granularity=args.search_step,
+                                          should_stop=should_stop)
+        except Exception as exc:  # a non-OOM failure: recorded, the other provider still runs
+            r.update(status="error", reason=f"{type(exc).__name__}: {str(exc)[:300]}")
+            continue
+        r.update(found, max_fit_px=found["max_fit"], first_oom_px=found["first_fail"],
+                 cap_px=args.search_cap, seconds_per_try={str(k): v for k, v in last.items()})
+        if found["stopped"]:
+            r["reason"] = f"search stopped early: {found['stopped']}"
+        elif found["first_fail"] is None:
+            r["reason"] = f"no OOM up to the cap ({args.search_cap} px): the true limit is higher"
+    by = {r["provider"]: r for r in rows}
+    for r in rows:
+        ref = by.get("reference_fpt+" if r["provider"].endswith("+") else "reference_fpt")
+        if ref is not None and ref.get("max_fit_px") and r.get("max_fit_px"):
+            r["max_fit_vs_reference"] = r["max_fit_px"] / ref["max_fit_px"]
+    return rows
+
+
+# ---------------------------------------------------------------- device-independent memory
+def live_peak_rows(spec: tuple, res: int, batch: int, providers, seed: int) -> List[dict]:
+    """Peak live tensor bytes of each extraction on the CPU (fp32). fpt_fast runs its CPU backend
+    ("torch": query-chunked, never N x N) here, not the Triton kernels."""
+    ex = Extractors(spec, "cpu", res)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 3, res, res, generator=gen)
+    rows = []
+    for provider in providers:
+        r = common.row("extract_memory", provider, "live_peak", f"{ex.label}@{res} B={batch}", "float32",
+                       "cpu (device-independent)", params=dict(model=ex.label, resolution=res, batch=batch))
+        fn = ex.fn(provider, x)
+        with torch.no_grad(), common.LiveBytes() as live:
+            out = fn()
+            del out
+        r.update(live_peak_bytes=live.peak, peak_extra_mb=live.peak / common.MB)
+        rows.append(r)
+    by = {r["provider"]: r for r in rows}
+    for r in rows:
+        ref = by.get("reference_fpt+" if r["provider"].endswith("+") else "reference_fpt")
+        if ref is not None:
+            r["memory_vs_reference"] = r["live_peak_bytes"] / ref["live_peak_bytes"]
+    return rows
+
+
+# --------------------------------------------------------------------------------- main
+def parse_args(argv):
+    p = common.base_parser(__doc__.splitlines()[0])
+    p.add_argument("--backbones", type=common.str_list, default=None, help="vit_b16 (default), vit_l16")
+    p.add_argument("--providers", type=common.str_list, default=list(PROVIDERS))
+    p.add_argument("--resolutions", type=common.int_list, default=None, help="default 512,1024,2048")
+    p.add_argument("--batch", type=int, default=None, help="default 8")
+    p.add_argument("--warmup-ms", type=float, default=None)
+    p.add_argument("--rep-ms", type=float, default=None)
+    p.add_argument("--no-search", action="store_true", help="skip the largest-resolution search")
+    p.add_argument("--search-providers", type=common.str_list, default=["reference_fpt", "fpt_fast_fpt"])
+    p.add_argument("--search-batch", type=int, default=8)
+    p.add_argument("--search-start", type=int, default=None, help="default 512")
+    p.add_argument("--search-cap", type=int, default=None, help="largest size tried (default 4096)")
+    p.add_argument("--search-step", type=int, default=None, help="bisection stops at this gap (default 128 px)")
+    p.add_argument("--no-live-peak", action="store_true", help="skip the CPU live-tensor peak")
+    p.add_argument("--live-res", type=int, default=None, help="default 512 (ViT-B/16, batch 1)")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.backbones = args.backbones or ["tiny"]
+        args.resolutions = args.resolutions or [64, 96]
+        args.batch = args.batch or 2
+        args.search_batch = 2
+        args.search_start, args.search_cap, args.search_step = args.search_start or 32, args.search_cap or 128, 16
+        args.warmup_ms, args.rep_ms = args.warmup_ms or 1, args.rep_ms or 5
+        args.live_res = args.live_res or 64
+    args.backbones = args.backbones or ["vit_b16"]
+    args.resolutions = args.resolutions or [512, 1024, 2048]
+    args.batch = args.batch or 8
+    args.search_start = args.search_start or 512
+    args.search_cap = args.search_cap or 4096
+    args.search_step = args.search_step or 128
+    args.warmup_ms, args.rep_ms = args.warmup_ms or 25, args.rep_ms or 200
+    args.live_res = args.live_res or 512
+    for name in args.providers + args.search_providers:
+        if name not in PROVIDERS:
+            p.error(f"unknown provider {name!r}; expected some of {PROVIDERS}")
+    return args
+
+
+def main(argv=None) -> List[dict]:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    device = common.resolve_device(args)
+    budget = common.Budget(args.budget_s)
+    common.warn_cpu_timings(device)
+    torch.manual_seed(args.seed)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    peaks = common.peaks_for(args.out, device, args.smoke)
+    saver = common.Saver(args.out, "extraction", args, budget, device, peaks)
+    for bb in args.backbones:
+        spec = BACKBONES[bb]
+        ex = Extractors(spec, device, args.resolutions[0])
+        for res in args.resolutions:
+            saver.add(bench_throughput(ex, res, args.batch, args, peaks, budget, gen))
+        if not args.no_search:
+            saver.add(max_resolution_rows(ex, args, budget, gen))
+        del ex
+        common.clear(device)
+    if not args.no_live_peak:
+        # Device-independent: the CPU, ViT-B/16 (or the smoke backbone), batch 1.
+        saver.add(live_peak_rows(BACKBONES[args.backbones[0]], args.live_res, 1,
+                                 [p for p in args.providers if p != "timm_sdpa"] + ["timm_sdpa"], args.seed))
+    path = saver.add([])
+    print(summary(saver.rows))
+    print(f"wrote {len(saver.rows)} rows to {path}")
+    return saver.rows
+
+
+def summary(rows: List[dict]) -> str:
+    lines = [f"{'op':<15} {'provider':<16} {'shape':<24} {'ms':>9} {'img/s':>9} {'MB':>9} {'vs timm':>8}  status"]
+    for r in rows:
+        if r["op"] == "max_resolution":
+            lines.append(f"{r['op']:<15} {r['provider']:<16} {r['shape']:<24} max fit {r.get('max_fit_px')} px, "
+                         f"first OOM {r.get('first_oom_px')} px  {r['status']} {r.get('reason') or ''}")
+            continue
+        ms = f"{r['median_ms']:.2f}" if r["median_ms"] is not None else "-"
+        ips = f"{r['images_per_s']:.1f}" if r.get("images_per_s") else "-"
+        mb = f"{r['peak_extra_mb']:.1f}" if r.get("peak_extra_mb") is not None else "-"
+        vt = f"{r['throughput_vs_timm']:.2f}" if r.get("throughput_vs_timm") else "-"
+        status = r["status"] if r["status"] == "ok" else f"{r['status']}: {(r['reason'] or '')[:50]}"
+        lines.append(f"{r['op']:<15} {r['provider']:<16} {r['shape']:<24} {ms:>9} {ips:>9} {mb:>9} {vt:>8}  {status}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
