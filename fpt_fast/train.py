@@ -1,0 +1,729 @@
+"""Training, evaluation and prediction of FPT / FPT+ from run settings (fpt_fast.settings).
+
+Training (spec section 4): AdamW, linear warm-up then cosine decay (per step), gradient-norm
+clipping, optional class weights, bf16 autocast on CUDA, cross-entropy; validation metrics every
+epoch; best.pt keeps the epoch with the best validation ``train.selection_metric`` (AUC by
+default), last.pt everything needed to resume (weights, optimizer, scheduler, epoch, RNG state,
+best metric, history). Features come from a feature store (data.store) by sample position, or
+from the frozen branch run on each batch.
+
+Reproducibility: the shuffling order of epoch e and every augmentation are functions of
+(train.seed, e, sample position); the global RNG (dropout) is saved in last.pt. A run resumed
+from last.pt therefore ends with the same weights and metrics as an uninterrupted one.
+
+Checkpoints hold tensors and plain containers only, are written to a temporary file and moved
+into place (os.replace), and are read with torch.load(weights_only=True).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from .data import (BadImageError, FPTDataset, FrozenTransform, ImageFolderSplit, ImageList, collate,
+                   compute_mean_std, epoch_order_seed, find_classes, list_images, make_generator,
+                   side_transform)
+from .frozen import FrozenFeatures
+from .metrics import METRIC_ORDER, classification_metrics, pme, ppe
+from .model import FPT
+from .settings import Settings
+from .store import FeatureStore, atomic_write_bytes, atomic_write_json, fingerprint, weights_sha256
+
+CHECKPOINT_KIND = "fpt_fast.checkpoint"
+CHECKPOINT_FORMAT = 1
+# Settings that may change between a run and its resumption without changing its results.
+RESUMABLE_CHANGES = {("train", "epochs"), ("train", "progress"), ("train", "tensorboard"),
+                     ("data", "num_workers")}
+CSV_COLUMNS = ["epoch", "lr", "train_loss", "train_acc"] + [f"val_{m}" for m in METRIC_ORDER] + \
+    ["images_per_s", "seconds", "memory_mb", "best"]
+
+Log = Callable[[str], None]
+
+
+def resolve_device(name: str) -> torch.device:
+    """"auto" -> CUDA when available, else the CPU; anything else as torch.device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"device {name!r} is not a valid torch device: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} was asked for but CUDA is not available")
+    return device
+
+
+def build_model(settings: Settings, num_classes: int) -> FPT:
+    """FPT of the settings, initialised from train.seed without touching the global RNG (with
+    model.pretrained false and no checkpoint_path, the seed also draws the frozen backbone)."""
+    config = settings.fpt_config(num_classes)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(settings.train.seed)
+        return FPT(config)
+
+
+def side_only_logits(model: FPT, side: Tensor) -> Tensor:
+    """The side network alone: the same ViT, no prompts, no frozen branch (ablation baseline)."""
+    return VisionTransformer.forward(model.side, side)
+
+
+def learnable_share(model: FPT, side_only: bool) -> float:
+    if not side_only:
+        return model.learnable_share()
+    side = sum(p.numel() for p in model.side.parameters())
+    return side / (side + sum(p.numel() for p in model.frozen.parameters()))
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def save_checkpoint(path: Union[str, Path], payload: dict) -> None:
+    """torch.save to a temporary file beside path, fsync, os.replace."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def load_checkpoint(path: Union[str, Path]) -> dict:
+    """A checkpoint written by fpt_fast (torch.load with weights_only=True)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling errors have many types; the message says which
+        raise ValueError(f"checkpoint {str(path)!r} cannot be read: {e}") from None
+    if not isinstance(payload, dict) or payload.get("kind") != CHECKPOINT_KIND:
+        raise ValueError(f"{str(path)!r} is not an fpt_fast checkpoint (for weights of the official FPT "
+                         f"code use fpt_fast.load_official_checkpoint)")
+    if payload.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"checkpoint {str(path)!r} has format {payload.get('format')!r}; this version reads "
+                         f"format {CHECKPOINT_FORMAT}")
+    return payload
+
+
+def model_from_checkpoint(payload: dict, settings: Settings) -> FPT:
+    model = build_model(settings, len(payload["classes"]))
+    trainable = {**{f"fusion.{k}": v for k, v in model.fusion.state_dict().items()},
+                 **{f"side.{k}": v for k, v in model.side.state_dict().items()}}
+    missing = sorted(set(trainable) - set(payload["model"]))
+    unexpected = sorted(set(payload["model"]) - set(trainable))
+    if missing or unexpected:
+        raise ValueError(f"checkpoint weights do not fit the model of its settings: missing {missing}, "
+                         f"unexpected {unexpected}")
+    model.fusion.load_state_dict({k[len("fusion."):]: v for k, v in payload["model"].items() if k.startswith("fusion.")})
+    model.side.load_state_dict({k[len("side."):]: v for k, v in payload["model"].items() if k.startswith("side.")})
+    return model
+
+
+def check_backbone(model: FPT, payload: dict, side_only: bool) -> str:
+    """The backbone's weight hash; ValueError if it differs from the one the checkpoint was trained with."""
+    digest = weights_sha256(model.frozen.backbone)
+    if not side_only and payload.get("backbone_sha256") not in (None, digest):
+        raise ValueError(f"the frozen backbone differs from the one this checkpoint was trained with (weights "
+                         f"sha256 {digest[:12]}... vs {payload['backbone_sha256'][:12]}...): check model.backbone, "
+                         f"model.pretrained, model.checkpoint_path and train.seed")
+    return digest
+
+
+# --------------------------------------------------------------------------------- data
+@dataclass
+class Normalization:
+    mean: List[float]
+    std: List[float]
+    source: str
+
+
+def resolve_normalization(settings: Settings, train_split: Optional[ImageFolderSplit],
+                          store: Optional[FeatureStore], log: Log) -> Tuple[Normalization, List[str]]:
+    """data.mean / data.std as numbers: given, or "auto": the store's (computed when it was
+    preloaded), else computed from the train split at the frozen input size."""
+    data = settings.data
+    if data.mean != "auto" and data.std != "auto":
+        return Normalization(list(data.mean), list(data.std), "settings"), []
+    if store is not None:
+        transform = store.fingerprint["transform"]
+        mean = transform["mean"] if data.mean == "auto" else list(data.mean)
+        std = transform["std"] if data.std == "auto" else list(data.std)
+        return Normalization(mean, std, f"feature store {store.root}"), []
+    if train_split is None:
+        raise ValueError("data.mean/data.std are 'auto' but there is no train split to compute them from")
+    log(f"computing mean/std of {len(train_split)} training images ...")
+    mean, std, bad = compute_mean_std(train_split, settings.fpt_config(len(train_split.classes)).image_size,
+                                      data.num_workers, data.skip_bad_images)
+    mean = mean if data.mean == "auto" else list(data.mean)
+    std = std if data.std == "auto" else list(data.std)
+    return Normalization(mean, std, "train split"), bad
+
+
+def open_store(settings: Settings, model: FPT, transform: FrozenTransform) -> FeatureStore:
+    """The settings' feature store, its fingerprint checked against this run's."""
+    store = FeatureStore(settings.data.store)
+    run_fingerprint = fingerprint(model, transform.description(), settings.preload.dtype,
+                                  resolve_device(settings.preload.device))
+    store.check_fingerprint(run_fingerprint)
+    return store
+
+
+def make_loader(dataset, batch_size: int, shuffle: bool, seed: int, num_workers: int,
+                device: torch.device) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
+                      collate_fn=collate, generator=make_generator(seed), pin_memory=device.type == "cuda",
+                      drop_last=False)
+
+
+class BadImages:
+    """Collects unreadable images: raise at once, or (skip) keep their messages for the end."""
+
+    def __init__(self, skip: bool):
+        self.skip = skip
+        self.messages: List[str] = []
+
+    def handle(self, bad: Sequence) -> None:
+        for item in bad:
+            if not self.skip:
+                raise BadImageError(item.reason)
+            if item.reason not in self.messages:
+                self.messages.append(item.reason)
+
+    def extend(self, messages: Sequence[str]) -> None:
+        for m in messages:
+            if m not in self.messages:
+                self.messages.append(m)
+
+
+# ------------------------------------------------------------------------------ stepping
+def batch_logits(model: FPT, batch: dict, device: torch.device, side_only: bool, autocast: bool) -> Tensor:
+    """Logits (B, C) of a collated batch: side network alone, with stored features, or live."""
+    side = batch["side"].to(device, non_blocking=True)
+    features = None
+    if not side_only:
+        if "keys" in batch:
+            # (B, L, H, n, d) as stored -> (L, B, H, n, d); the fusion casts them to its dtype
+            features = FrozenFeatures(batch["keys"].to(device, non_blocking=True).transpose(0, 1),
+                                      batch["values"].to(device, non_blocking=True).transpose(0, 1))
+        else:
+            features = model.extract(batch["frozen"].to(device, non_blocking=True))
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        logits = side_only_logits(model, side) if side_only else model.forward_features(side, features)
+    return logits.float()
+
+
+@torch.no_grad()
+def predict_probabilities(model: FPT, loader: DataLoader, device: torch.device, side_only: bool,
+                          autocast: bool, bad: BadImages, progress: bool = False, description: str = "eval"):
+    """(positions (N,), labels (N,), probabilities (N, C) float64) over a loader, in eval mode."""
+    model.eval()
+    positions, labels, probabilities = [], [], []
+    for batch in _bar(loader, progress, description):
+        bad.handle(batch["bad"])
+        if len(batch["label"]) == 0:
+            continue
+        probabilities.append(batch_logits(model, batch, device, side_only, autocast).softmax(-1).double().cpu())
+        positions.append(batch["position"])
+        labels.append(batch["label"])
+    if not probabilities:
+        raise ValueError("no readable image to evaluate")
+    return torch.cat(positions).numpy(), torch.cat(labels).numpy(), torch.cat(probabilities).numpy()
+
+
+def _bar(iterable, enabled: bool, description: str, total: Optional[int] = None):
+    if not enabled:
+        return iterable
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is a dependency; a broken install still trains, without bars
+        return iterable
+    return tqdm(iterable, desc=description, total=total, dynamic_ncols=True, leave=False)
+
+
+def memory_mb(device: torch.device) -> float:
+    """Peak memory: CUDA allocator peak on a GPU, else the process's peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """LR factor of step s: linear warm-up over warmup_steps, then cosine decay to 0 at total_steps."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def class_weight_tensor(setting, labels: np.ndarray, num_classes: int) -> Optional[Tensor]:
+    if setting is None:
+        return None
+    if setting == "balanced":
+        counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+        weights = np.where(counts > 0, len(labels) / (num_classes * np.maximum(counts, 1)), 0.0)
+        return torch.tensor(weights, dtype=torch.float32)
+    if len(setting) != num_classes:
+        raise ValueError(f"setting train.class_weights has {len(setting)} values but there are {num_classes} classes")
+    return torch.tensor(setting, dtype=torch.float32)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# -------------------------------------------------------------------------------- logging
+def write_csv(path: Path, history: List[dict]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    for row in history:
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    atomic_write_bytes(path, buffer.getvalue().encode("utf-8"))
+
+
+class TensorBoard:
+    """SummaryWriter when torch.utils.tensorboard imports (the tensorboard package), else nothing."""
+
+    def __init__(self, enabled: bool, folder: Path, first_epoch: int, log: Log):
+        self.writer = None
+        if not enabled:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            log("TensorBoard logging is off: torch.utils.tensorboard needs the tensorboard package "
+                "(pip install tensorboard); the CSV log is written")
+            return
+        self.writer = SummaryWriter(str(folder), purge_step=first_epoch + 1)
+
+    def epoch(self, row: dict) -> None:
+        if self.writer is None:
+            return
+        for key, value in row.items():
+            if isinstance(value, float) and key != "epoch" and not math.isnan(value):
+                self.writer.add_scalar(key.replace("_", "/", 1) if key.startswith("val_") else key, value, row["epoch"])
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def describe_metrics(metrics: dict) -> str:
+    return "  ".join(f"{m} {metrics[m]:.4f}" for m in METRIC_ORDER)
+
+
+# --------------------------------------------------------------------------------- train
+@dataclass
+class TrainResult:
+    """settings: the run's settings with mean/std and num_classes resolved (as in its checkpoints)."""
+
+    settings: Settings
+    out_dir: Path
+    history: List[dict]
+    best_epoch: int
+    best_metric: float
+    learnable_share: float
+    classes: List[str]
+    bad_images: List[str] = field(default_factory=list)
+
+
+def _comparable(settings_dict: dict) -> dict:
+    return {(s, k): v for s, values in settings_dict.items() for k, v in values.items()
+            if (s, k) not in RESUMABLE_CHANGES}
+
+
+def train(settings: Settings, resume: bool = False, log: Log = print) -> TrainResult:
+    """Trains per settings into train.out_dir (best.pt, last.pt, log.csv, config.yaml)."""
+    data, opts = settings.data, settings.train
+    if data.root is None:
+        raise ValueError("setting data.root is not set: the folder with train/, val/ and test/")
+    device = resolve_device(opts.device)
+    out_dir = Path(opts.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    bad = BadImages(data.skip_bad_images)
+
+    classes = find_classes(data.root)
+    train_split = ImageFolderSplit(data.root, "train", classes)
+    val_split = ImageFolderSplit(data.root, opts.val_split, classes) if opts.val_split else None
+
+    checkpoint = load_checkpoint(out_dir / "last.pt") if resume else None
+    if checkpoint is not None:
+        stored = Settings.from_tree(checkpoint["settings"])
+        if data.mean == "auto" or data.std == "auto":
+            settings = settings.replace("data", mean=stored.data.mean if data.mean == "auto" else data.mean,
+                                        std=stored.data.std if data.std == "auto" else data.std)
+    store = FeatureStore(data.store) if data.store is not None and not opts.side_only else None
+    normalization, bad_messages = resolve_normalization(settings, train_split, store, log)
+    bad.extend(bad_messages)
+    settings = settings.replace("data", mean=normalization.mean, std=normalization.std)
+    settings = settings.replace("model", num_classes=len(classes))
+    if checkpoint is not None:
+        now, before = _comparable(settings.to_dict()), _comparable(checkpoint["settings"])
+        changed = sorted(k for k in set(now) | set(before) if now.get(k) != before.get(k))
+        if changed:
+            raise ValueError("cannot resume: settings differ from the interrupted run's: " + "; ".join(
+                f"{s}.{k}: {before.get((s, k))!r} then, {now.get((s, k))!r} now" for s, k in changed))
+        if checkpoint["classes"] != classes:
+            raise ValueError(f"cannot resume: classes are {classes} now, {checkpoint['classes']} then")
+
+    model = build_model(settings, len(classes))
+    share = learnable_share(model, opts.side_only)
+    frozen_transform = FrozenTransform(model.config.image_size, normalization.mean, normalization.std)
+    train_store = val_store = None
+    if store is not None:
+        store = open_store(settings, model, frozen_transform)
+        train_store = store.split("train", [(s.path, s.label) for s in train_split.samples])
+        if val_split is not None:
+            val_store = store.split(val_split.split, [(s.path, s.label) for s in val_split.samples])
+        bad.extend(f"{train_split.samples[p].path} (left out when preloaded)" for p in train_store.left_out)
+    live = not opts.side_only and store is None
+    side_size = model.config.side_input_size
+
+    def dataset(split, split_store, train_mode):
+        side = side_transform(data, side_size, normalization.mean, normalization.std, train=train_mode)
+        positions = split_store.present_positions() if split_store is not None else None
+        return FPTDataset(split, side, frozen_transform if live else None, split_store, positions, seed=opts.seed)
+
+    train_set = dataset(train_split, train_store, True)
+    val_set = dataset(val_split, val_store, False) if val_split is not None else None
+
+    if live:
+        model.to(device)
+    else:  # the frozen branch is not run: keep it off the accelerator
+        model.fusion.to(device)
+        model.side.to(device)
+    parameters = list(model.side.parameters()) if opts.side_only else list(model.trainable_parameters())
+    optimizer = torch.optim.AdamW(parameters, lr=opts.lr, weight_decay=opts.weight_decay)
+    steps_per_epoch = math.ceil(len(train_set) / opts.batch_size)
+    total_steps = steps_per_epoch * opts.epochs
+    warmup_steps = round(opts.warmup_epochs * steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup_steps, total_steps))
+    weights = class_weight_tensor(opts.class_weights, train_split.labels(), len(classes))
+    weights = weights.to(device) if weights is not None else None
+    autocast = opts.amp and device.type == "cuda"
+    backbone_digest = weights_sha256(model.frozen.backbone)
+
+    history: List[dict] = []
+    best_metric, best_epoch, start_epoch = -math.inf, -1, 0
+    if checkpoint is not None:
+        model.fusion.load_state_dict({k[7:]: v for k, v in checkpoint["model"].items() if k.startswith("fusion.")})
+        model.side.load_state_dict({k[5:]: v for k, v in checkpoint["model"].items() if k.startswith("side.")})
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        history = list(checkpoint["history"])
+        best_metric, best_epoch = checkpoint["best_metric"], checkpoint["best_epoch"]
+        start_epoch = checkpoint["epoch"] + 1
+        set_rng_state(checkpoint["rng"])
+        log(f"resuming {out_dir} after epoch {start_epoch} of {opts.epochs}")
+    else:
+        torch.manual_seed(opts.seed)
+        if torch.cuda.is_available():
+            torch.cuda.manual_seed_all(opts.seed)
+    atomic_write_bytes(out_dir / "config.yaml", settings.to_yaml().encode("utf-8"))
+    log(f"training {'the side network alone' if opts.side_only else 'FPT'} on {len(train_set)} images "
+        f"({len(classes)} classes) on {device}; learnable parameters {100 * share:.3f}% of the model; "
+        f"features {'from store ' + str(store.root) if store is not None else 'not used' if opts.side_only else 'computed live'}")
+    board = TensorBoard(opts.tensorboard, out_dir / "tensorboard", start_epoch, log)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    for epoch in range(start_epoch, opts.epochs):
+        model.train()
+        train_set.set_epoch(epoch)
+        loader = make_loader(train_set, opts.batch_size, True, epoch_order_seed(opts.seed, epoch),
+                             data.num_workers, device)
+        start = time.perf_counter()
+        seen, loss_sum, correct = 0, 0.0, 0
+        bar = _bar(loader, opts.progress, f"epoch {epoch + 1}/{opts.epochs}")
+        for batch in bar:
+            bad.handle(batch["bad"])
+            if len(batch["label"]) == 0:
+                continue
+            labels = batch["label"].to(device, non_blocking=True)
+            logits = batch_logits(model, batch, device, opts.side_only, autocast)
+            loss = F.cross_entropy(logits, labels, weight=weights)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if opts.clip_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(parameters, opts.clip_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            seen += len(labels)
+            loss_sum += loss.item() * len(labels)
+            correct += int((logits.argmax(-1) == labels).sum())
+            if bar is not loader:
+                elapsed = max(time.perf_counter() - start, 1e-9)
+                bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{seen / elapsed:.0f}",
+                                mem=f"{memory_mb(device):.0f}MB")
+        seconds = time.perf_counter() - start
+        row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
+               "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
+               "images_per_s": seen / max(seconds, 1e-9), "seconds": seconds, "memory_mb": memory_mb(device)}
+        if val_set is not None:
+            val_loader = make_loader(val_set, opts.eval_batch_size, False, 0, data.num_workers, device)
+            _, labels_np, probs = predict_probabilities(model, val_loader, device, opts.side_only, autocast, bad)
+            metrics = classification_metrics(labels_np, probs)
+            row.update({f"val_{m}": metrics[m] for m in METRIC_ORDER})
+            score = metrics[opts.selection_metric]
+        else:
+            score = float(epoch)  # no validation split: the latest epoch is the best
+        score = -math.inf if math.isnan(score) else score
+        is_best = score > best_metric or best_epoch < 0
+        row["best"] = int(is_best)
+        if is_best:
+            best_metric, best_epoch = score, epoch + 1
+        history.append(row)
+        payload = {"kind": CHECKPOINT_KIND, "format": CHECKPOINT_FORMAT, "settings": settings.to_dict(),
+                   "classes": classes, "model": model.trainable_state_dict(), "backbone_sha256": backbone_digest,
+                   "epoch": epoch, "best_metric": best_metric, "best_epoch": best_epoch, "history": history,
+                   "learnable_share": share}
+        if is_best:
+            save_checkpoint(out_dir / "best.pt", payload)
+        save_checkpoint(out_dir / "last.pt", {**payload, "optimizer": optimizer.state_dict(),
+                                              "scheduler": scheduler.state_dict(), "rng": rng_state()})
+        write_csv(out_dir / "log.csv", history)
+        board.epoch(row)
+        val_text = "  ".join(f"val {m} {row[f'val_{m}']:.4f}" for m in ("acc", "auc") if f"val_{m}" in row)
+        log(f"epoch {epoch + 1}/{opts.epochs}  loss {row['train_loss']:.4f}  {val_text}  lr {row['lr']:.2e}  "
+            f"{row['images_per_s']:.0f} img/s  mem {row['memory_mb']:.0f} MB{'  *best' if is_best else ''}")
+    board.close()
+    if bad.messages:
+        log(f"{len(bad.messages)} unreadable image(s) were left out:\n  " + "\n  ".join(bad.messages))
+    return TrainResult(settings, out_dir, history, best_epoch, best_metric, share, classes, bad.messages)
+
+
+# ------------------------------------------------------------------------------ evaluate
+@dataclass
+class EvalResult:
+    split: str
+    metrics: dict
+    classes: List[str]
+    num_images: int
+    learnable_share: float
+    bad_images: List[str] = field(default_factory=list)
+
+
+def evaluate(settings: Settings, checkpoint_path: Union[str, Path], split_name: str = "test",
+             log: Log = print) -> EvalResult:
+    """Metrics and confusion matrix of a checkpoint on one split (features from data.store when it
+    holds the split, else computed live). Writes eval_<split>.json beside the checkpoint."""
+    payload = load_checkpoint(checkpoint_path)
+    data, opts = settings.data, settings.train
+    if data.root is None:
+        raise ValueError("setting data.root is not set: the folder with the split to evaluate")
+    if "auto" in (data.mean, data.std):
+        raise ValueError("data.mean/data.std must be numbers for evaluation (the checkpoint's settings hold them)")
+    device = resolve_device(opts.device)
+    classes = payload["classes"]
+    split = ImageFolderSplit(data.root, split_name, classes)
+    model = model_from_checkpoint(payload, settings)
+    check_backbone(model, payload, opts.side_only)
+    transform = FrozenTransform(model.config.image_size, data.mean, data.std)
+    split_store = None
+    if data.store is not None and not opts.side_only:
+        store = open_store(settings, model, transform)
+        if split_name in store.splits():
+            split_store = store.split(split_name, [(s.path, s.label) for s in split.samples])
+    live = not opts.side_only and split_store is None
+    side = side_transform(data, model.config.side_input_size, data.mean, data.std, train=False)
+    positions = split_store.present_positions() if split_store is not None else None
+    dataset = FPTDataset(split, side, transform if live else None, split_store, positions)
+    if live:
+        model.to(device)
+    else:
+        model.fusion.to(device)
+        model.side.to(device)
+    bad = BadImages(data.skip_bad_images)
+    if split_store is not None:
+        bad.extend(f"{split.samples[p].path} (left out when preloaded)" for p in split_store.left_out)
+    loader = make_loader(dataset, opts.eval_batch_size, False, 0, data.num_workers, device)
+    _, labels, probabilities = predict_probabilities(model, loader, device, opts.side_only,
+                                                     opts.amp and device.type == "cuda", bad, opts.progress,
+                                                     f"evaluate {split_name}")
+    metrics = classification_metrics(labels, probabilities)
+    share = payload.get("learnable_share", learnable_share(model, opts.side_only))
+    metrics["ppe_auc"] = ppe(metrics["auc"], share) if not math.isnan(metrics["auc"]) else math.nan
+    if opts.reference_memory_mb is not None and payload["history"]:
+        memory = max(row["memory_mb"] for row in payload["history"])
+        metrics["pme_auc"] = pme(metrics["auc"], memory, opts.reference_memory_mb)
+    result = EvalResult(split_name, metrics, classes, len(labels), share, bad.messages)
+    atomic_write_json(Path(checkpoint_path).parent / f"eval_{split_name}.json",
+                      {"split": split_name, "checkpoint": str(checkpoint_path), "classes": classes,
+                       "num_images": len(labels), "metrics": metrics, "bad_images": bad.messages})
+    log(format_evaluation(result))
+    return result
+
+
+def format_evaluation(result: EvalResult) -> str:
+    lines = [f"{result.split}: {result.num_images} images  " + describe_metrics(result.metrics)]
+    if "ppe_auc" in result.metrics:
+        lines[0] += f"  PPE(auc) {result.metrics['ppe_auc']:.4f}"
+    if "pme_auc" in result.metrics:
+        lines[0] += f"  PME(auc) {result.metrics['pme_auc']:.4f}"
+    width = max(len(c) for c in result.classes)
+    lines.append("confusion matrix (rows: true class, columns: predicted):")
+    lines.append(" " * (width + 2) + " ".join(f"{i:>6d}" for i in range(len(result.classes))))
+    for i, (name, row) in enumerate(zip(result.classes, result.metrics["confusion"])):
+        lines.append(f"{name:>{width}} {i:d} " + " ".join(f"{v:>6d}" for v in row))
+    if result.bad_images:
+        lines.append(f"{len(result.bad_images)} unreadable image(s) left out:\n  " + "\n  ".join(result.bad_images))
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------- predict
+def predict(settings: Settings, checkpoint_path: Union[str, Path], images: Union[str, Path],
+            output: Union[str, Path], log: Log = print) -> List[dict]:
+    """Per-image predictions of a checkpoint for every image under a folder, written as CSV
+    (path, prediction, confidence, one probability column per class)."""
+    payload = load_checkpoint(checkpoint_path)
+    data, opts = settings.data, settings.train
+    device = resolve_device(opts.device)
+    classes = payload["classes"]
+    paths = list_images(images)
+    if not paths:
+        raise ValueError(f"no image files under {str(images)!r}")
+    model = model_from_checkpoint(payload, settings)
+    check_backbone(model, payload, opts.side_only)
+    transform = FrozenTransform(model.config.image_size, data.mean, data.std)
+    side = side_transform(data, model.config.side_input_size, data.mean, data.std, train=False)
+    image_list = ImageList(images, paths)
+    dataset = FPTDataset(image_list, side, None if opts.side_only else transform)
+    model.to(device)
+    bad = BadImages(data.skip_bad_images)
+    loader = make_loader(dataset, opts.eval_batch_size, False, 0, data.num_workers, device)
+    positions, _, probabilities = predict_probabilities(model, loader, device, opts.side_only,
+                                                        opts.amp and device.type == "cuda", bad, opts.progress,
+                                                        "predict")
+    rows = []
+    for position, probs in zip(positions, probabilities):
+        best = int(np.argmax(probs))
+        row = {"path": image_list.samples[position].path, "prediction": classes[best], "confidence": float(probs[best])}
+        row.update({f"p_{name}": float(p) for name, p in zip(classes, probs)})
+        rows.append(row)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=["path", "prediction", "confidence"] + [f"p_{c}" for c in classes])
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in row.items()})
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(output, buffer.getvalue().encode("utf-8"))
+    log(f"wrote predictions for {len(rows)} images to {output}")
+    if bad.messages:
+        log(f"{len(bad.messages)} unreadable image(s) left out:\n  " + "\n  ".join(bad.messages))
+    return rows
+
+
+# ------------------------------------------------------------------------------- preload
+@dataclass
+class PreloadResult:
+    store: Path
+    reports: list
+    bytes_per_image: float
+    official_bytes_per_image: int
+    bad_images: List[str] = field(default_factory=list)
+
+
+def preload(settings: Settings, log: Log = print) -> PreloadResult:
+    """Writes (or finishes) the feature store data.store for the splits preload.splits."""
+    from .store import MANIFEST, StoreWriter, preload_split
+
+    data, opts = settings.data, settings.preload
+    if data.store is None:
+        raise ValueError("setting data.store is not set: the folder to write the features to")
+    if data.root is None:
+        raise ValueError("setting data.root is not set: the folder with train/, val/ and test/")
+    device = resolve_device(opts.device)
+    classes = find_classes(data.root)
+    splits = [ImageFolderSplit(data.root, name, classes) for name in opts.splits]
+    train_split = next((s for s in splits if s.split == "train"), None) or ImageFolderSplit(data.root, "train", classes)
+    existing = FeatureStore(data.store) if (Path(data.store) / MANIFEST).is_file() else None
+    normalization, bad_messages = resolve_normalization(settings, train_split, existing, log)
+    settings = settings.replace("data", mean=normalization.mean, std=normalization.std)
+    model = build_model(settings, len(classes))
+    config = model.config
+    transform = FrozenTransform(config.image_size, normalization.mean, normalization.std)
+    run_fingerprint = fingerprint(model, transform.description(), opts.dtype, device)
+    feature_shape = (len(config.layers), config.info.num_heads, config.num_selected, config.info.head_dim)
+    writer = StoreWriter(data.store, run_fingerprint, feature_shape, classes, opts.shard_mb)
+    model.to(device).eval()
+    log(f"preloading into {data.store}: K_sel/V_sel of shape (L={feature_shape[0]}, H={feature_shape[1]}, "
+        f"n={feature_shape[2]}, d={feature_shape[3]}) per image, stored as {opts.dtype}, on {device}")
+    reports = []
+    for split in splits:
+        report = preload_split(model, writer, split, transform, device, opts.batch_size, data.num_workers,
+                               data.skip_bad_images, settings.train.progress)
+        reports.append(report)
+        bad_messages += report.left_out
+        rate = (report.samples / report.seconds) if report.shards_written else 0.0
+        log(f"  {split.split}: {report.samples} images, {report.shards_written} shard(s) written"
+            f"{f', {report.shards_reused} kept from an earlier run' if report.shards_reused else ''}, "
+            f"{report.seconds:.1f} s{f' ({rate:.1f} img/s)' if rate else ''}")
+    store = FeatureStore(data.store)
+    total_bytes = sum(f.stat().st_size for f in store.root.iterdir() if f.is_file())
+    images = sum(r.samples for r in reports)
+    official = 2 * math.prod(feature_shape) * 4
+    per_image = total_bytes / max(images, 1)
+    log(f"store: {total_bytes / 2 ** 20:.1f} MiB, {per_image / 1024:.1f} KiB per image (records and index) vs "
+        f"{official / 1024:.1f} KiB per image for the official per-image fp32 files ({official / per_image:.2f}x)")
+    if bad_messages:
+        log(f"{len(bad_messages)} unreadable image(s) were left out:\n  " + "\n  ".join(bad_messages))
+    return PreloadResult(store.root, reports, per_image, official, bad_messages)
+
+
+def verify_store(settings: Settings, recompute: int = 4, log: Log = print):
+    """Checks data.store (files, hashes, finite values, and ``recompute`` recomputed samples per
+    split when data.root is set) and measures its read rate. Returns the VerifyReport."""
+    from .store import measure_read_rate, verify
+
+    data = settings.data
+    if data.store is None:
+        raise ValueError("setting data.store is not set: the store to verify")
+    store = FeatureStore(data.store)
+    model = transform = None
+    device = resolve_device(settings.preload.device)
+    if data.root is not None and recompute > 0:
+        normalization, _ = resolve_normalization(settings, None, store, log)
+        settings = settings.replace("data", mean=normalization.mean, std=normalization.std)
+        model = build_model(settings, len(store.classes))
+        transform = FrozenTransform(model.config.image_size, normalization.mean, normalization.std)
+        store.check_fingerprint(fingerprint(model, transform.description(), settings.preload.dtype, device))
+        model.to(device).eval()
+    report = verify(store.root, model, transform, data.root, device, recompute if model is not None else 0)
+    log(f"verify {store.root}: {report.samples} samples, {report.bytes / 2 ** 20:.1f} MiB of shards"
+        + (f", {report.recomputed} recomputed (max relative error {report.max_recompute_error:.2g})"
+           if report.recomputed else "")
+        + (": OK" if report.ok else ": PROBLEMS\n  " + "\n  ".join(report.problems)))
+    if report.ok:
+        for name in store.splits():
+            samples_per_s, mb_per_s = measure_read_rate(store.split(name), settings.train.batch_size, max_seconds=3.0)
+            log(f"  read rate {name}: {samples_per_s:.0f} samples/s ({mb_per_s:.0f} MB/s, random batches of "
+                f"{settings.train.batch_size}, page cache warm)")
+    return report
