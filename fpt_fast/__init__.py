@@ -7,9 +7,10 @@ from .config import FPTConfig
 from .frozen import FrozenBranch, FrozenFeatures
 from .fusion import FineGrainedFusion
 from .model import FPT, build
+from .official import load_official_checkpoint
 from .ops import backends, get_backend, set_backend, use_backend
 from .side import SideViT
 
 __version__ = "0.1.0"
 __all__ = ["FPT", "FPTConfig", "FineGrainedFusion", "FrozenBranch", "FrozenFeatures", "SideViT", "build",
-           "backends", "get_backend", "set_backend", "use_backend", "__version__"]
+           "load_official_checkpoint", "backends", "get_backend", "set_backend", "use_backend", "__version__"]
