@@ -1,9 +1,39 @@
 """Build script for fpt_fast.
 
 The Triton kernels live in the top-level ``kernels/`` folder and are installed as the subpackage
-``fpt_fast.kernels``.
+``fpt_fast.kernels``. The native extension's sources (``csrc/``) are installed as package data of
+``fpt_fast.csrc`` so that an installed copy can build them just in time (fpt_fast/native.py).
+``FPT_FAST_BUILD_EXT=1 pip install --no-build-isolation .`` builds them ahead of time instead, as
+``fpt_fast._C`` (torch must already be installed; the CUDA source is added where torch has CUDA and
+nvcc is found, unless FPT_FAST_BUILD_CUDA=0).
 """
+import os
+
 from setuptools import setup
+
+
+def native_extension():
+    """ext_modules and cmdclass of the ahead-of-time build, or empty ones."""
+    if os.environ.get("FPT_FAST_BUILD_EXT", "0") != "1":
+        return {}
+    import torch
+    from torch.utils import cpp_extension
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    csrc = "csrc"  # relative: setuptools wants source paths relative to setup.py
+    sources = [os.path.join(csrc, f) for f in ("registration.cpp", "cpu_math.cpp", "cpu_attention.cpp",
+                                                "cpu_select.cpp")]
+    args = {"cxx": ["-O3", "-ffp-contract=fast", "-Wno-psabi"], "nvcc": ["-O3", "--use_fast_math"]}
+    kwargs = dict(include_dirs=[os.path.join(here, "csrc")], define_macros=[("FPT_FAST_PYTHON_MODULE", None)],
+                  extra_compile_args=args)
+    with_cuda = (torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+                 and os.environ.get("FPT_FAST_BUILD_CUDA", "1") != "0")
+    if with_cuda:
+        ext = cpp_extension.CUDAExtension("fpt_fast._C", sources + [os.path.join(csrc, "cuda_select.cu")], **kwargs)
+    else:
+        ext = cpp_extension.CppExtension("fpt_fast._C", sources, **kwargs)
+    return {"ext_modules": [ext], "cmdclass": {"build_ext": cpp_extension.BuildExtension}}
+
 
 setup(
     name="fpt_fast",
@@ -13,8 +43,9 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=["fpt_fast", "fpt_fast.kernels"],
-    package_dir={"fpt_fast": "fpt_fast", "fpt_fast.kernels": "kernels"},
+    packages=["fpt_fast", "fpt_fast.kernels", "fpt_fast.csrc"],
+    package_dir={"fpt_fast": "fpt_fast", "fpt_fast.kernels": "kernels", "fpt_fast.csrc": "csrc"},
+    package_data={"fpt_fast.csrc": ["*.cpp", "*.h", "*.cu"]},
     install_requires=[
         "torch>=2.4,<=2.14.1",
         "triton; platform_system == 'Linux'",
@@ -25,6 +56,7 @@ setup(
         "pillow",
         "torchvision",
         "tqdm",
+        "ninja",  # the native extension's just-in-time build (fpt_fast/native.py)
     ],
     extras_require={
         "test": ["pytest>=7", "scikit-learn"],
@@ -32,4 +64,5 @@ setup(
         "xformers": ["xformers"],
     },
     entry_points={"console_scripts": ["fpt-fast=fpt_fast.__main__:main"]},
+    **native_extension(),
 )

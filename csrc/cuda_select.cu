@@ -168,8 +168,9 @@ __global__ void __launch_bounds__(kThreads) radix_select_gather_kernel(RowArgs a
       const int out_slot = kept + r;
       if (out_slot >= a.n) break;  // cannot happen (exactly n keys qualify); guards the writes anyway
       const int64_t token = tile_index[r];
-      copy_row<In, Out>(k_row + token * a.ks2, k_dst + out_slot * a.d, a.d, lane, a.vec_in, a.vec_out);
-      copy_row<In, Out>(v_row + token * a.vs2, v_dst + out_slot * a.d, a.d, lane, a.vec_in, a.vec_out);
+      const int64_t dst_offset = static_cast<int64_t>(out_slot) * a.d;
+      copy_row<In, Out>(k_row + token * a.ks2, k_dst + dst_offset, a.d, lane, a.vec_in, a.vec_out);
+      copy_row<In, Out>(v_row + token * a.vs2, v_dst + dst_offset, a.d, lane, a.vec_in, a.vec_out);
     }
     kept += tile_kept;
     ties_seen += tile_ties;
