@@ -325,7 +325,7 @@ def _prompt_attention_setup(ctx, inputs, output):
 
 def _prompt_attention_grad(ctx, grad_out, grad_lse):
     q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = _triton_prompt_attention_backward(grad_out.contiguous(), q, k, v, out, lse, ctx.need_kv_grad)
+    dq, dk, dv = _triton_prompt_attention_backward(grad_out, q, k, v, out, lse, ctx.need_kv_grad)
     if not ctx.need_kv_grad:
         dk = dv = None
     return dq, dk, dv
