@@ -128,7 +128,9 @@ SECTION_CLASSES = {"data": DataSettings, "preload": PreloadSettings, "train": Tr
 # Model settings the command line adds to FPTConfig's fields (FPTConfig.num_classes may be None
 # here: it is then the number of class folders of the train split).
 MODEL_EXTRA = {"preset": Literal["fpt", "fpt+"]}
-MODEL_DEFAULTS = {"preset": "fpt+", "backbone": "vit_base_patch16_384", "pretrained": True, "num_classes": None}
+# The official LPM: google/vit-base-patch16-384 (ImageNet-21k, fine-tuned on ImageNet-1k at 384 px).
+MODEL_DEFAULTS = {"preset": "fpt+", "backbone": "vit_base_patch16_384.orig_in21k_ft_in1k", "pretrained": True,
+                  "num_classes": None}
 
 
 def model_schema() -> Dict[str, Any]:
@@ -333,11 +335,12 @@ class Settings:
     train: TrainSettings
 
     def to_dict(self) -> dict:
-        return _plain({"model": dict(self.model), "data": dataclasses.asdict(self.data),
+        model = {"preset": self.model["preset"], **{k: v for k, v in self.model.items() if k != "preset"}}
+        return _plain({"model": model, "data": dataclasses.asdict(self.data),
                        "preload": dataclasses.asdict(self.preload), "train": dataclasses.asdict(self.train)})
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
+        return yaml.dump(self.to_dict(), Dumper=_Dumper, sort_keys=False)
 
     def fpt_config(self, num_classes: Optional[int] = None) -> FPTConfig:
         """The FPTConfig of these settings; num_classes fills model.num_classes when that is None."""
@@ -368,6 +371,14 @@ class Settings:
         model = dict(tree["model"])
         return cls(model=model, data=DataSettings(**_tuples(tree["data"], DataSettings)),
                    preload=PreloadSettings(**tree["preload"]), train=TrainSettings(**tree["train"]))
+
+
+class _Dumper(yaml.SafeDumper):
+    """Sections and keys one per line, lists inline ([0.8, 1.0])."""
+
+
+_Dumper.add_representer(list, lambda dumper, data: dumper.represent_sequence(
+    "tag:yaml.org,2002:seq", data, flow_style=True))
 
 
 def _tuples(values: dict, cls) -> dict:

@@ -543,6 +543,13 @@ def _hash_and_check(file: Path, dtype: str, chunk_bytes: int = 64 * 2 ** 20) -> 
     return digest.hexdigest(), finite
 
 
+def drop_from_page_cache(split: StoreSplit) -> None:
+    """Asks the kernel to forget the split's cached shard pages (Linux), so reads come from the disk."""
+    for shard in split.shards:
+        with open(split.root / shard["file"], "rb") as f:
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+
+
 def measure_read_rate(split: StoreSplit, batch_size: int = 16, max_seconds: float = 5.0,
                       seed: int = 0) -> Tuple[float, float]:
     """(samples/s, MB/s) of reading random batches into torch tensors, as a training step does."""

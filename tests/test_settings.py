@@ -1,5 +1,6 @@
 """Run settings: layers (preset < dataset template < YAML < --set), checking, round trips."""
 import dataclasses
+from pathlib import Path
 
 import pytest
 import yaml
@@ -118,3 +119,17 @@ def test_replace_checks_like_overrides():
     assert settings.replace("train", epochs=3).train.epochs == 3
     with pytest.raises(TypeError, match="setting train.epochs"):
         settings.replace("train", epochs="3")
+
+
+CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_shipped_configs_load(path):
+    settings = load_settings(path)
+    if path.stem in DATASETS:
+        assert settings.data.dataset == path.stem and settings.model["num_classes"] is not None
+    if path.stem == "customized":  # documents every key at its default
+        assert settings.to_dict() == load_settings().to_dict()
+        written = yaml.safe_load(path.read_text())
+        assert {s: set(v) for s, v in written.items()} == {s: set(v) for s, v in settings.to_dict().items()}
