@@ -218,6 +218,9 @@ def _torch_select_tokens(scores: Tensor, k: Tensor, v: Tensor, n: int,
     """Threshold = the n-th largest score (topk values are exact whatever the tie order); keep all
     scores above it and the lowest-index ties at it; emit the kept tokens in ascending index."""
     N = scores.shape[-1]
+    # NaN ranks above +inf, as in the reference's sort and the Triton kernel: in float64, +-inf become
+    # +-max and NaN becomes +inf, an order-preserving map of every fp32/fp16/bf16 score.
+    scores = scores.double().nan_to_num(nan=float("inf"))
     threshold = scores.topk(n, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
     above = scores > threshold
     tied = scores == threshold
