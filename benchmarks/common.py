@@ -106,10 +106,15 @@ class Saver:
     def __init__(self, out, script: str, args, budget: "Budget", device, peaks: Optional[dict] = None):
         self.out, self.script, self.args, self.budget, self.peaks = out, script, args, budget, peaks
         self.env = environment(device)
-        self.rows: List[dict] = []
+        self._rows: Dict[tuple, dict] = {}
+
+    @property
+    def rows(self) -> List[dict]:
+        return list(self._rows.values())
 
     def add(self, rows: Sequence[dict], extra: Optional[dict] = None) -> Path:
-        self.rows += list(rows)
+        for r in rows:
+            self._rows[row_key(r)] = r
         return save_results(self.out, self.script, rows, env=self.env, meta=run_meta(self.args, self.budget),
                             peaks=self.peaks, extra=extra)
 

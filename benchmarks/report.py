@@ -73,14 +73,15 @@ def memory_section(rows: List[dict]) -> str:
              "excluded); params = parameters resident on the device during a step (the frozen backbone "
              "too unless features are preloaded); AdamW = optimiser state; inputs = the batch (images or "
              "preloaded features); frozen = peak of live tensors in the online no-grad frozen forward; "
-             "estimate = params + grads + AdamW + inputs + max(saved, frozen). fp32 throughout."]
+             "estimate = params + grads + AdamW + inputs + max(saved, frozen). fp32 throughout "
+             "(the frozen branch too), unless the heading names another feature storage dtype."]
     groups: Dict[tuple, List[dict]] = defaultdict(list)
     for r in acc:
-        groups[(r["shape"], r["device"])].append(r)
-    for (shape, device), group in groups.items():
+        groups[(r["shape"], r["device"], r["dtype"])].append(r)
+    for (shape, device, dtype), group in groups.items():
         backend = next((r.get("fusion_backend") for r in group if r.get("fusion_backend")), None)
         measured = next((r.get("measured_batches") for r in group if r.get("measured_batches")), None)
-        lines += ["", f"### {shape}, computed on {device}", "",
+        lines += ["", f"### {shape}, {dtype}, computed on {device}", "",
                   f"Measured at batches {measured}, extrapolated linearly to the batch above"
                   + (f"; fpt_fast's fusion ran its '{backend}' backend." if backend else "."), ""]
         body = []
@@ -122,7 +123,11 @@ def training_section(rows: List[dict]) -> str:
              r["dtype"], r["device"], fmt(r["median_ms"], ".1f"), fmt(r.get("images_per_s"), ".1f"),
              fmt(r.get("peak_mb"), ".0f"), pct(r.get("learnable_share")), fmt(r.get("ppe")), fmt(r.get("pme")),
              status_text(r)] for r in steps]
-    return "\n".join(["## Training step (forward, backward, clip, AdamW)", "",
+    scored = next((r.get("auc") for r in steps if r.get("auc") is not None), None)
+    note = ("PPE / PME use the scores passed with --auc (run_all passes the papers' published mean AUCs, "
+            "FPT_SPEC.md section 7: not scores measured here); PME is against full fine-tuning's peak at "
+            "the same shape." if scored is not None else "")
+    return "\n".join(["## Training step (forward, backward, clip, AdamW)", "", note,
                       table(["method", "model", "res", "batch", "dtype", "device", "ms", "img/s", "peak MB",
                              "learnable", "PPE", "PME", "status"], body)])
 

@@ -58,7 +58,8 @@ class Setup:
     """
 
     def __init__(self, method: str, spec: tuple, res: int, device, autocast_dtype, lora_rank: int = 16,
-                 op_backend: str = "auto", side_size: Optional[int] = None):
+                 op_backend: str = "auto", side_size: Optional[int] = None, frozen_dtype: Optional[str] = None,
+                 feature_dtype: Optional[str] = None):
         self.method, self.res, self.device = method, res, torch.device(device)
         self.autocast_dtype = autocast_dtype
         name, self.label, kwargs = spec
@@ -69,6 +70,7 @@ class Setup:
             if self.is_fpt:
                 self.config = FPTConfig.preset(preset_of(method), backbone=name, backbone_kwargs=dict(kwargs),
                                                image_size=res, num_classes=NUM_CLASSES, op_backend=op_backend,
+                                               frozen_dtype=frozen_dtype, feature_dtype=feature_dtype,
                                                **({} if side_size is None else {"side_input_size": side_size}))
                 self.model = FPT(self.config)
                 self.trainable = list(self.model.trainable_parameters())
@@ -231,7 +233,7 @@ def add_efficiency(rows: List[dict], auc: Dict[str, float], memory_field: str) -
 
 
 # ------------------------------------------------------------------------- GPU step benchmark
-def bench_steps(args, device, budget: common.Budget, gen) -> List[dict]:
+def bench_steps(args, device, budget: common.Budget, gen, saver: Optional[common.Saver] = None) -> List[dict]:
     label = common.device_label(device)
     autocast = torch.bfloat16 if (device.type == "cuda" and args.precision == "bf16") else None
     dtype_text = "bf16-autocast" if autocast else "float32"
@@ -240,8 +242,11 @@ def bench_steps(args, device, budget: common.Budget, gen) -> List[dict]:
         spec = BACKBONES[bb]
         for res in args.resolutions:
             for method in args.methods:
-                rows += _sweep_batches(args, device, budget, gen, spec, res, method, autocast, dtype_text, label)
-    add_efficiency(rows, args.auc, "peak_mb")
+                new = _sweep_batches(args, device, budget, gen, spec, res, method, autocast, dtype_text, label)
+                rows += new
+                add_efficiency(rows, args.auc, "peak_mb")
+                if saver is not None:
+                    saver.add(new)  # written as it goes: a hard stop keeps what was measured
     return rows
 
 
@@ -262,7 +267,8 @@ def _sweep_batches(args, device, budget, gen, spec, res, method, autocast, dtype
         return rows
     setup = opt = None
     try:
-        setup = Setup(method, spec, res, device, autocast, args.lora_rank, side_size=args.side_size)
+        setup = Setup(method, spec, res, device, autocast, args.lora_rank, side_size=args.side_size,
+                      feature_dtype=args.feature_dtype)
         opt = make_optimizer(setup.trainable)
     except Exception as exc:
         status = "oom" if common.is_oom(exc) else "error"
@@ -279,12 +285,15 @@ def _sweep_batches(args, device, budget, gen, spec, res, method, autocast, dtype
             record(batch, status="skipped", reason=stop_reason)
             continue
         common.clear(device)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
         failure = None
         try:
             forward = setup.prepare(batch, gen)
             step = setup.step_fn(forward, opt)
+            if device.type == "cuda":
+                # After prepare: preloading's extraction is offline work, not part of the step's peak;
+                # the batch itself (already allocated) stays in the peak.
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
             times = common.step_times_ms(step, device, warmup=args.warmup_steps, reps=args.steps)
         except Exception as exc:
             failure = ("oom" if common.is_oom(exc) else "error", f"{type(exc).__name__}: {str(exc)[:300]}")
@@ -314,7 +323,7 @@ def _sweep_batches(args, device, budget, gen, spec, res, method, autocast, dtype
 # ----------------------------------------------------------------- device-independent account
 def account(method: str, spec: tuple, res: int, batches: Sequence[int], target_batch: int,
             device="cpu", seed: int = 0, lora_rank: int = 16, op_backend: str = "auto",
-            side_size: Optional[int] = None) -> dict:
+            side_size: Optional[int] = None, feature_dtype: Optional[str] = None) -> dict:
     """Memory of one training step that does not depend on the GPU or its allocator, in bytes.
 
     saved: tensors autograd keeps for backward (saved_tensors_hooks; unique storages; parameters and
@@ -329,7 +338,10 @@ def account(method: str, spec: tuple, res: int, batches: Sequence[int], target_b
         step do not overlap (the frozen branch finishes before the trainable forward starts).
     """
     gen = torch.Generator(device=device).manual_seed(seed)
-    setup = Setup(method, spec, res, device, None, lora_rank, op_backend, side_size)
+    # fp32 everywhere, the frozen branch included (it defaults to bf16 on GPUs): the same figures
+    # whichever device computes them.
+    setup = Setup(method, spec, res, device, None, lora_rank, op_backend, side_size, frozen_dtype="float32",
+                  feature_dtype=feature_dtype)
     measured = {}
     for b in batches:
         forward = setup.prepare(b, gen)
@@ -397,11 +409,12 @@ def accounting_rows(args, budget: common.Budget) -> List[dict]:
     label = f"{common.device_label(device)} (device-independent)"
     fusion_backend = account_op_backend(args.account_op_backend, device)
     for method in args.methods:
-        r = common.row("train_memory", method, "accounting", shape, "float32", label,
+        dtype_text = "float32" if args.feature_dtype in (None, "float32") else f"float32 (features {args.feature_dtype})"
+        r = common.row("train_memory", method, "accounting", shape, dtype_text, label,
                        params=dict(model=spec[1], resolution=args.account_res, batch=args.account_batch,
                                    method=method))
         if "fpt" in method and not method.startswith("reference"):
-            r["fusion_backend"] = fusion_backend
+            r.update(fusion_backend=fusion_backend, feature_dtype=args.feature_dtype or "float32")
         reason = unavailable_reason(method) or (budget.reason if budget.expired() else None)
         if reason:
             r.update(status="skipped", reason=reason)
@@ -410,7 +423,7 @@ def accounting_rows(args, budget: common.Budget) -> List[dict]:
         try:
             r.update(account(method, spec, args.account_res, args.account_batches, args.account_batch,
                              device=device, seed=args.seed, lora_rank=args.lora_rank, op_backend=fusion_backend,
-                             side_size=args.side_size))
+                             side_size=args.side_size, feature_dtype=args.feature_dtype))
         except Exception as exc:  # one method failing must not lose the others' figures
             r.update(status="error", reason=f"{type(exc).__name__}: {str(exc)[:300]}")
         rows.append(r)
@@ -439,6 +452,9 @@ def parse_args(argv):
     p.add_argument("--steps", type=int, default=5, help="timed steps per point")
     p.add_argument("--warmup-steps", type=int, default=2)
     p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--feature-dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                   help="storage dtype of fpt_fast's selected keys/values (default: FPTConfig's, i.e. the "
+                        "frozen compute dtype: bf16 on GPUs, fp32 in the account)")
     p.add_argument("--side-size", type=int, default=None,
                    help="side-network input size (default: the preset's, 224 FPT / 128 FPT+; 32 in --smoke)")
     p.add_argument("--auc", default=None,
@@ -488,19 +504,17 @@ def main(argv=None) -> List[dict]:
     common.warn_cpu_timings(device)
     torch.manual_seed(args.seed)
     gen = torch.Generator(device=device).manual_seed(args.seed)
-    rows: List[dict] = []
+    saver = common.Saver(args.out, "training", args, budget, device)
     if not args.no_accounting:
-        rows += accounting_rows(args, budget)
-        print(accounting_summary(rows))
+        saver.add(accounting_rows(args, budget))
+        print(accounting_summary(saver.rows))
     if not args.no_steps:
-        step_rows = bench_steps(args, device, budget, gen)
-        rows += step_rows
+        step_rows = bench_steps(args, device, budget, gen, saver)
+        saver.add(step_rows)  # again, now with PME against full fine-tuning filled in everywhere
         print(steps_summary(step_rows))
-    args.auc = ",".join(f"{k}={v}" for k, v in args.auc.items())
-    path = common.save_results(args.out, "training", rows, env=common.environment(device),
-                               meta=common.run_meta(args, budget))
-    print(f"wrote {len(rows)} rows to {path}")
-    return rows
+    path = saver.add([])
+    print(f"wrote {len(saver.rows)} rows to {path}")
+    return saver.rows
 
 
 def accounting_summary(rows: List[dict]) -> str:
