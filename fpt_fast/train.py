@@ -135,6 +135,11 @@ def model_from_checkpoint(payload: dict, settings: Settings) -> FPT:
     return model
 
 
+def checkpoint_side_only(payload: dict) -> bool:
+    """Whether the checkpoint's model is the side network alone (its training decides, not the caller)."""
+    return bool(payload["settings"]["train"]["side_only"])
+
+
 def check_backbone(model: FPT, payload: dict, side_only: bool) -> str:
     """The backbone's weight hash; ValueError if it differs from the one the checkpoint was trained with."""
     digest = weights_sha256(model.frozen.backbone)
@@ -361,121 +366,166 @@ def _comparable(settings_dict: dict) -> dict:
 
 
 def train(settings: Settings, resume: bool = False, log: Log = print) -> TrainResult:
-    """Trains per settings into train.out_dir (best.pt, last.pt, log.csv, config.yaml)."""
-    data, opts = settings.data, settings.train
-    if data.root is None:
-        raise ValueError("setting data.root is not set: the folder with train/, val/ and test/")
-    device = resolve_device(opts.device)
-    out_dir = Path(opts.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    bad = BadImages(data.skip_bad_images)
+    """Trains per settings into train.out_dir (best.pt, last.pt, log.csv, config.yaml); with
+    resume, continues the run whose last.pt is there."""
+    return Trainer(settings, resume, log).run()
 
-    classes = find_classes(data.root)
-    train_split = ImageFolderSplit(data.root, "train", classes)
-    val_split = ImageFolderSplit(data.root, opts.val_split, classes) if opts.val_split else None
 
-    checkpoint = load_checkpoint(out_dir / "last.pt") if resume else None
-    if checkpoint is not None:
-        stored = Settings.from_tree(checkpoint["settings"])
-        if data.mean == "auto" or data.std == "auto":
-            settings = settings.replace("data", mean=stored.data.mean if data.mean == "auto" else data.mean,
-                                        std=stored.data.std if data.std == "auto" else data.std)
-    store = FeatureStore(data.store) if data.store is not None and not opts.side_only else None
-    normalization, bad_messages = resolve_normalization(settings, train_split, store, log)
-    bad.extend(bad_messages)
-    settings = settings.replace("data", mean=normalization.mean, std=normalization.std)
-    settings = settings.replace("model", num_classes=len(classes))
-    if checkpoint is not None:
-        now, before = _comparable(settings.to_dict()), _comparable(checkpoint["settings"])
+class Trainer:
+    """One training run: data, model, optimizer and schedule set up from the settings (or from
+    last.pt when resuming), then one epoch after the other."""
+
+    def __init__(self, settings: Settings, resume: bool, log: Log):
+        data, opts = settings.data, settings.train
+        if data.root is None:
+            raise ValueError("setting data.root is not set: the folder with train/, val/ and test/")
+        self.log = log
+        self.device = resolve_device(opts.device)
+        self.out_dir = Path(opts.out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.bad = BadImages(data.skip_bad_images)
+        self.classes = find_classes(data.root)
+        train_split = ImageFolderSplit(data.root, "train", self.classes)
+        val_split = ImageFolderSplit(data.root, opts.val_split, self.classes) if opts.val_split else None
+
+        checkpoint = load_checkpoint(self.out_dir / "last.pt") if resume else None
+        if checkpoint is not None:  # "auto" mean/std: the interrupted run's values, not a recomputation
+            stored = Settings.from_tree(checkpoint["settings"]).data
+            settings = settings.replace("data", mean=stored.mean if data.mean == "auto" else data.mean,
+                                        std=stored.std if data.std == "auto" else data.std)
+        store = FeatureStore(data.store) if data.store is not None and not opts.side_only else None
+        normalization, bad_messages = resolve_normalization(settings, train_split, store, log)
+        self.bad.extend(bad_messages)
+        settings = settings.replace("data", mean=normalization.mean, std=normalization.std)
+        self.settings = settings = settings.replace("model", num_classes=len(self.classes))
+        if checkpoint is not None:
+            self._check_resumable(checkpoint)
+
+        self.model = model = build_model(settings, len(self.classes))
+        self.share = learnable_share(model, opts.side_only)
+        frozen_transform = FrozenTransform(model.config.image_size, normalization.mean, normalization.std)
+        train_store = val_store = None
+        if store is not None:
+            store = open_store(settings, model, frozen_transform)
+            train_store = store.split("train", [(s.path, s.label) for s in train_split.samples])
+            if val_split is not None:
+                val_store = store.split(val_split.split, [(s.path, s.label) for s in val_split.samples])
+            self.bad.extend(f"{train_split.samples[p].path} (left out when preloaded)" for p in train_store.left_out)
+        live = not opts.side_only and store is None
+
+        def dataset(split, split_store, train_mode):
+            side = side_transform(data, model.config.side_input_size, normalization.mean, normalization.std,
+                                  train=train_mode)
+            positions = split_store.present_positions() if split_store is not None else None
+            return FPTDataset(split, side, frozen_transform if live else None, split_store, positions, seed=opts.seed)
+
+        self.train_set = dataset(train_split, train_store, True)
+        self.val_set = dataset(val_split, val_store, False) if val_split is not None else None
+        if live:
+            model.to(self.device)
+        else:  # the frozen branch is not run: keep it off the accelerator
+            model.fusion.to(self.device)
+            model.side.to(self.device)
+        self.parameters = list(model.side.parameters()) if opts.side_only else list(model.trainable_parameters())
+        self.optimizer = torch.optim.AdamW(self.parameters, lr=opts.lr, weight_decay=opts.weight_decay)
+        steps_per_epoch = math.ceil(len(self.train_set) / opts.batch_size)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(
+            round(opts.warmup_epochs * steps_per_epoch), steps_per_epoch * opts.epochs))
+        weights = class_weight_tensor(opts.class_weights, train_split.labels(), len(self.classes))
+        self.class_weights = weights.to(self.device) if weights is not None else None
+        self.autocast = opts.amp and self.device.type == "cuda"
+        self.backbone_digest = weights_sha256(model.frozen.backbone)
+        self.features_text = ("not used" if opts.side_only else f"from store {store.root}" if store is not None
+                              else "computed live")
+
+        self.history: List[dict] = []
+        self.best_metric, self.best_epoch, self.start_epoch = -math.inf, -1, 0
+        if checkpoint is not None:
+            self._restore(checkpoint)
+        else:
+            torch.manual_seed(opts.seed)
+            if torch.cuda.is_available():
+                torch.cuda.manual_seed_all(opts.seed)
+
+    def _check_resumable(self, checkpoint: dict) -> None:
+        now, before = _comparable(self.settings.to_dict()), _comparable(checkpoint["settings"])
         changed = sorted(k for k in set(now) | set(before) if now.get(k) != before.get(k))
         if changed:
             raise ValueError("cannot resume: settings differ from the interrupted run's: " + "; ".join(
                 f"{s}.{k}: {before.get((s, k))!r} then, {now.get((s, k))!r} now" for s, k in changed))
-        if checkpoint["classes"] != classes:
-            raise ValueError(f"cannot resume: classes are {classes} now, {checkpoint['classes']} then")
+        if checkpoint["classes"] != self.classes:
+            raise ValueError(f"cannot resume: classes are {self.classes} now, {checkpoint['classes']} then")
 
-    model = build_model(settings, len(classes))
-    share = learnable_share(model, opts.side_only)
-    frozen_transform = FrozenTransform(model.config.image_size, normalization.mean, normalization.std)
-    train_store = val_store = None
-    if store is not None:
-        store = open_store(settings, model, frozen_transform)
-        train_store = store.split("train", [(s.path, s.label) for s in train_split.samples])
-        if val_split is not None:
-            val_store = store.split(val_split.split, [(s.path, s.label) for s in val_split.samples])
-        bad.extend(f"{train_split.samples[p].path} (left out when preloaded)" for p in train_store.left_out)
-    live = not opts.side_only and store is None
-    side_size = model.config.side_input_size
-
-    def dataset(split, split_store, train_mode):
-        side = side_transform(data, side_size, normalization.mean, normalization.std, train=train_mode)
-        positions = split_store.present_positions() if split_store is not None else None
-        return FPTDataset(split, side, frozen_transform if live else None, split_store, positions, seed=opts.seed)
-
-    train_set = dataset(train_split, train_store, True)
-    val_set = dataset(val_split, val_store, False) if val_split is not None else None
-
-    if live:
-        model.to(device)
-    else:  # the frozen branch is not run: keep it off the accelerator
-        model.fusion.to(device)
-        model.side.to(device)
-    parameters = list(model.side.parameters()) if opts.side_only else list(model.trainable_parameters())
-    optimizer = torch.optim.AdamW(parameters, lr=opts.lr, weight_decay=opts.weight_decay)
-    steps_per_epoch = math.ceil(len(train_set) / opts.batch_size)
-    total_steps = steps_per_epoch * opts.epochs
-    warmup_steps = round(opts.warmup_epochs * steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup_steps, total_steps))
-    weights = class_weight_tensor(opts.class_weights, train_split.labels(), len(classes))
-    weights = weights.to(device) if weights is not None else None
-    autocast = opts.amp and device.type == "cuda"
-    backbone_digest = weights_sha256(model.frozen.backbone)
-
-    history: List[dict] = []
-    best_metric, best_epoch, start_epoch = -math.inf, -1, 0
-    if checkpoint is not None:
-        model.fusion.load_state_dict({k[7:]: v for k, v in checkpoint["model"].items() if k.startswith("fusion.")})
-        model.side.load_state_dict({k[5:]: v for k, v in checkpoint["model"].items() if k.startswith("side.")})
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        history = list(checkpoint["history"])
-        best_metric, best_epoch = checkpoint["best_metric"], checkpoint["best_epoch"]
-        start_epoch = checkpoint["epoch"] + 1
+    def _restore(self, checkpoint: dict) -> None:
+        weights = checkpoint["model"]
+        self.model.fusion.load_state_dict({k[len("fusion."):]: v for k, v in weights.items() if k.startswith("fusion.")})
+        self.model.side.load_state_dict({k[len("side."):]: v for k, v in weights.items() if k.startswith("side.")})
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        self.history = list(checkpoint["history"])
+        self.best_metric, self.best_epoch = checkpoint["best_metric"], checkpoint["best_epoch"]
+        self.start_epoch = checkpoint["epoch"] + 1
         set_rng_state(checkpoint["rng"])
-        log(f"resuming {out_dir} after epoch {start_epoch} of {opts.epochs}")
-    else:
-        torch.manual_seed(opts.seed)
-        if torch.cuda.is_available():
-            torch.cuda.manual_seed_all(opts.seed)
-    atomic_write_bytes(out_dir / "config.yaml", settings.to_yaml().encode("utf-8"))
-    log(f"training {'the side network alone' if opts.side_only else 'FPT'} on {len(train_set)} images "
-        f"({len(classes)} classes) on {device}; learnable parameters {100 * share:.3f}% of the model; "
-        f"features {'from store ' + str(store.root) if store is not None else 'not used' if opts.side_only else 'computed live'}")
-    board = TensorBoard(opts.tensorboard, out_dir / "tensorboard", start_epoch, log)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+        self.log(f"resuming {self.out_dir} after epoch {self.start_epoch} of {self.settings.train.epochs}")
 
-    for epoch in range(start_epoch, opts.epochs):
+    def run(self) -> TrainResult:
+        opts = self.settings.train
+        atomic_write_bytes(self.out_dir / "config.yaml", self.settings.to_yaml().encode("utf-8"))
+        self.log(f"training {'the side network alone' if opts.side_only else 'FPT'} on {len(self.train_set)} "
+                 f"images ({len(self.classes)} classes) on {self.device}; learnable parameters "
+                 f"{100 * self.share:.3f}% of the model; features {self.features_text}")
+        board = TensorBoard(opts.tensorboard, self.out_dir / "tensorboard", self.start_epoch, self.log)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        for epoch in range(self.start_epoch, opts.epochs):
+            row = self.train_epoch(epoch)
+            if self.val_set is not None:
+                metrics = self.validate()
+                row.update({f"val_{m}": metrics[m] for m in METRIC_ORDER})
+                score = metrics[opts.selection_metric]
+            else:
+                score = float(epoch)  # no validation split: the latest epoch is the best
+            score = -math.inf if math.isnan(score) else score
+            is_best = score > self.best_metric or self.best_epoch < 0
+            if is_best:
+                self.best_metric, self.best_epoch = score, epoch + 1
+            row["best"] = int(is_best)
+            self.history.append(row)
+            self.save(epoch, is_best)
+            board.epoch(row)
+            val_text = "  ".join(f"val {m} {row[f'val_{m}']:.4f}" for m in ("acc", "auc") if f"val_{m}" in row)
+            self.log(f"epoch {epoch + 1}/{opts.epochs}  loss {row['train_loss']:.4f}  {val_text}  "
+                     f"lr {row['lr']:.2e}  {row['images_per_s']:.0f} img/s  mem {row['memory_mb']:.0f} MB"
+                     f"{'  *best' if is_best else ''}")
+        board.close()
+        if self.bad.messages:
+            self.log(f"{len(self.bad.messages)} unreadable image(s) were left out:\n  " + "\n  ".join(self.bad.messages))
+        return TrainResult(self.settings, self.out_dir, self.history, self.best_epoch, self.best_metric, self.share,
+                           self.classes, self.bad.messages)
+
+    def train_epoch(self, epoch: int) -> dict:
+        """One pass over the training set; returns the epoch's log row (loss, accuracy, speed, memory)."""
+        opts, device, model = self.settings.train, self.device, self.model
         model.train()
-        train_set.set_epoch(epoch)
-        loader = make_loader(train_set, opts.batch_size, True, epoch_order_seed(opts.seed, epoch),
-                             data.num_workers, device)
+        self.train_set.set_epoch(epoch)
+        loader = make_loader(self.train_set, opts.batch_size, True, epoch_order_seed(opts.seed, epoch),
+                             self.settings.data.num_workers, device)
         start = time.perf_counter()
         seen, loss_sum, correct = 0, 0.0, 0
         bar = _bar(loader, opts.progress, f"epoch {epoch + 1}/{opts.epochs}")
         for batch in bar:
-            bad.handle(batch["bad"])
+            self.bad.handle(batch["bad"])
             if len(batch["label"]) == 0:
                 continue
             labels = batch["label"].to(device, non_blocking=True)
-            logits = batch_logits(model, batch, device, opts.side_only, autocast)
-            loss = F.cross_entropy(logits, labels, weight=weights)
-            optimizer.zero_grad(set_to_none=True)
+            logits = batch_logits(model, batch, device, opts.side_only, self.autocast)
+            loss = F.cross_entropy(logits, labels, weight=self.class_weights)
+            self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if opts.clip_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(parameters, opts.clip_grad_norm)
-            optimizer.step()
-            scheduler.step()
+                torch.nn.utils.clip_grad_norm_(self.parameters, opts.clip_grad_norm)
+            self.optimizer.step()
+            self.scheduler.step()
             seen += len(labels)
             loss_sum += loss.item() * len(labels)
             correct += int((logits.argmax(-1) == labels).sum())
@@ -484,40 +534,29 @@ def train(settings: Settings, resume: bool = False, log: Log = print) -> TrainRe
                 bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{seen / elapsed:.0f}",
                                 mem=f"{memory_mb(device):.0f}MB")
         seconds = time.perf_counter() - start
-        row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
-               "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
-               "images_per_s": seen / max(seconds, 1e-9), "seconds": seconds, "memory_mb": memory_mb(device)}
-        if val_set is not None:
-            val_loader = make_loader(val_set, opts.eval_batch_size, False, 0, data.num_workers, device)
-            _, labels_np, probs = predict_probabilities(model, val_loader, device, opts.side_only, autocast, bad)
-            metrics = classification_metrics(labels_np, probs)
-            row.update({f"val_{m}": metrics[m] for m in METRIC_ORDER})
-            score = metrics[opts.selection_metric]
-        else:
-            score = float(epoch)  # no validation split: the latest epoch is the best
-        score = -math.inf if math.isnan(score) else score
-        is_best = score > best_metric or best_epoch < 0
-        row["best"] = int(is_best)
+        return {"epoch": epoch + 1, "lr": self.optimizer.param_groups[0]["lr"],
+                "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
+                "images_per_s": seen / max(seconds, 1e-9), "seconds": seconds, "memory_mb": memory_mb(device)}
+
+    def validate(self) -> dict:
+        opts = self.settings.train
+        loader = make_loader(self.val_set, opts.eval_batch_size, False, 0, self.settings.data.num_workers,
+                             self.device)
+        _, labels, probabilities = predict_probabilities(self.model, loader, self.device, opts.side_only,
+                                                         self.autocast, self.bad)
+        return classification_metrics(labels, probabilities)
+
+    def save(self, epoch: int, is_best: bool) -> None:
+        """best.pt (when best), last.pt (with optimizer, scheduler, RNG) and log.csv, each atomically."""
+        payload = {"kind": CHECKPOINT_KIND, "format": CHECKPOINT_FORMAT, "settings": self.settings.to_dict(),
+                   "classes": self.classes, "model": self.model.trainable_state_dict(),
+                   "backbone_sha256": self.backbone_digest, "epoch": epoch, "best_metric": self.best_metric,
+                   "best_epoch": self.best_epoch, "history": self.history, "learnable_share": self.share}
         if is_best:
-            best_metric, best_epoch = score, epoch + 1
-        history.append(row)
-        payload = {"kind": CHECKPOINT_KIND, "format": CHECKPOINT_FORMAT, "settings": settings.to_dict(),
-                   "classes": classes, "model": model.trainable_state_dict(), "backbone_sha256": backbone_digest,
-                   "epoch": epoch, "best_metric": best_metric, "best_epoch": best_epoch, "history": history,
-                   "learnable_share": share}
-        if is_best:
-            save_checkpoint(out_dir / "best.pt", payload)
-        save_checkpoint(out_dir / "last.pt", {**payload, "optimizer": optimizer.state_dict(),
-                                              "scheduler": scheduler.state_dict(), "rng": rng_state()})
-        write_csv(out_dir / "log.csv", history)
-        board.epoch(row)
-        val_text = "  ".join(f"val {m} {row[f'val_{m}']:.4f}" for m in ("acc", "auc") if f"val_{m}" in row)
-        log(f"epoch {epoch + 1}/{opts.epochs}  loss {row['train_loss']:.4f}  {val_text}  lr {row['lr']:.2e}  "
-            f"{row['images_per_s']:.0f} img/s  mem {row['memory_mb']:.0f} MB{'  *best' if is_best else ''}")
-    board.close()
-    if bad.messages:
-        log(f"{len(bad.messages)} unreadable image(s) were left out:\n  " + "\n  ".join(bad.messages))
-    return TrainResult(settings, out_dir, history, best_epoch, best_metric, share, classes, bad.messages)
+            save_checkpoint(self.out_dir / "best.pt", payload)
+        save_checkpoint(self.out_dir / "last.pt", {**payload, "optimizer": self.optimizer.state_dict(),
+                                                   "scheduler": self.scheduler.state_dict(), "rng": rng_state()})
+        write_csv(self.out_dir / "log.csv", self.history)
 
 
 # ------------------------------------------------------------------------------ evaluate
@@ -545,14 +584,15 @@ def evaluate(settings: Settings, checkpoint_path: Union[str, Path], split_name: 
     classes = payload["classes"]
     split = ImageFolderSplit(data.root, split_name, classes)
     model = model_from_checkpoint(payload, settings)
-    check_backbone(model, payload, opts.side_only)
+    side_only = checkpoint_side_only(payload)
+    check_backbone(model, payload, side_only)
     transform = FrozenTransform(model.config.image_size, data.mean, data.std)
     split_store = None
-    if data.store is not None and not opts.side_only:
+    if data.store is not None and not side_only:
         store = open_store(settings, model, transform)
         if split_name in store.splits():
             split_store = store.split(split_name, [(s.path, s.label) for s in split.samples])
-    live = not opts.side_only and split_store is None
+    live = not side_only and split_store is None
     side = side_transform(data, model.config.side_input_size, data.mean, data.std, train=False)
     positions = split_store.present_positions() if split_store is not None else None
     dataset = FPTDataset(split, side, transform if live else None, split_store, positions)
@@ -565,11 +605,11 @@ def evaluate(settings: Settings, checkpoint_path: Union[str, Path], split_name: 
     if split_store is not None:
         bad.extend(f"{split.samples[p].path} (left out when preloaded)" for p in split_store.left_out)
     loader = make_loader(dataset, opts.eval_batch_size, False, 0, data.num_workers, device)
-    _, labels, probabilities = predict_probabilities(model, loader, device, opts.side_only,
+    _, labels, probabilities = predict_probabilities(model, loader, device, side_only,
                                                      opts.amp and device.type == "cuda", bad, opts.progress,
                                                      f"evaluate {split_name}")
     metrics = classification_metrics(labels, probabilities)
-    share = payload.get("learnable_share", learnable_share(model, opts.side_only))
+    share = payload.get("learnable_share", learnable_share(model, side_only))
     metrics["ppe_auc"] = ppe(metrics["auc"], share) if not math.isnan(metrics["auc"]) else math.nan
     if opts.reference_memory_mb is not None and payload["history"]:
         memory = max(row["memory_mb"] for row in payload["history"])
@@ -611,15 +651,16 @@ def predict(settings: Settings, checkpoint_path: Union[str, Path], images: Union
     if not paths:
         raise ValueError(f"no image files under {str(images)!r}")
     model = model_from_checkpoint(payload, settings)
-    check_backbone(model, payload, opts.side_only)
+    side_only = checkpoint_side_only(payload)
+    check_backbone(model, payload, side_only)
     transform = FrozenTransform(model.config.image_size, data.mean, data.std)
     side = side_transform(data, model.config.side_input_size, data.mean, data.std, train=False)
     image_list = ImageList(images, paths)
-    dataset = FPTDataset(image_list, side, None if opts.side_only else transform)
+    dataset = FPTDataset(image_list, side, None if side_only else transform)
     model.to(device)
     bad = BadImages(data.skip_bad_images)
     loader = make_loader(dataset, opts.eval_batch_size, False, 0, data.num_workers, device)
-    positions, _, probabilities = predict_probabilities(model, loader, device, opts.side_only,
+    positions, _, probabilities = predict_probabilities(model, loader, device, side_only,
                                                         opts.amp and device.type == "cuda", bad, opts.progress,
                                                         "predict")
     rows = []

@@ -95,6 +95,9 @@ def test_side_only_trains_only_the_side_network(tmp_path):
     assert untouched and all(torch.equal(payload["model"][k], fresh["model"][k]) for k in untouched)
     metrics = evaluate(result.settings, result.out_dir / "best.pt", "test", **QUIET).metrics
     assert 0.0 <= metrics["acc"] <= 1.0
+    # The checkpoint, not the caller's settings, says it is a side-network-only model.
+    again = evaluate(result.settings.replace("train", side_only=False), result.out_dir / "best.pt", "test", **QUIET)
+    assert again.metrics == metrics
 
 
 def test_warmup_then_cosine():
