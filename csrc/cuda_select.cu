@@ -16,8 +16,10 @@
 //
 // Limits: scores float32/float16/bfloat16 (read through strides); k, v float32/float16/bfloat16
 // of one dtype, unit stride in the last dimension (others are copied first); N < 2^31; B*H <= 2^31-1
-// blocks. Caution: compiled here with nvcc 13 (compile-only test); run and checked against the CPU
-// kernel on an H100 (sm_90) only.
+// blocks. Caution: checked bitwise against the CPU kernel (every in/out dtype pair, ties, NaN, +-0,
+// strided and unaligned rows) only on an H100 (sm_90a, torch 2.11, nvcc 13.0); elsewhere compile-only.
+// Not tuned: one block per row with a serial 256-bin scan, so small batches are latency-bound
+// (about 45 us for B*H = 24 rows of N = 1025 on the H100, 6x faster than the "torch" backend there).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>

@@ -1,6 +1,6 @@
 """The native extension (csrc/, fpt_fast/native.py): every op against its fpt_fast.reference twin.
 
-CPU tests build the extension just in time on first use (about 30 s on two cores with a fresh
+CPU tests build the extension just in time on first use (about 25 s on two cores with a fresh
 cache) and skip with the loader's reason where it cannot be built. Selected sets are compared as
 sets: the reference keeps descending-score order, the native kernels ascending token index; k
 carries each token's index in its first column (exact in float32) so that sets compare exactly.
