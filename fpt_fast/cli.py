@@ -91,9 +91,10 @@ def _checkpoint_settings(args, checkpoint_path: str):
         raise ValueError(f"model settings differ from the checkpoint's ({checkpoint_path}): " + "; ".join(
             f"model.{k}: {then[k]!r} in the checkpoint, {now[k]!r} now" for k in changed))
     settings = settings.replace("model", **stored.model)
-    if "auto" in (settings.data.mean, settings.data.std):
-        settings = settings.replace("data", mean=stored.data.mean if settings.data.mean == "auto" else settings.data.mean,
-                                    std=stored.data.std if settings.data.std == "auto" else settings.data.std)
+    data = settings.data
+    if "auto" in (data.mean, data.std):
+        settings = settings.replace("data", mean=stored.data.mean if data.mean == "auto" else data.mean,
+                                    std=stored.data.std if data.std == "auto" else data.std)
     return settings
 
 

@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import ColorJitter, RandomResizedCrop
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".gif")
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
@@ -188,23 +189,15 @@ class SideTransform:
         self.hflip_prob = hflip_prob
         self.crop_scale, self.crop_ratio = tuple(crop_scale), tuple(crop_ratio)
         if not (0 < self.crop_scale[0] <= self.crop_scale[1] and 0 < self.crop_ratio[0] <= self.crop_ratio[1]):
-            raise ValueError(f"crop_scale={list(crop_scale)} and crop_ratio={list(crop_ratio)} must be "
-                             f"increasing positive ranges")
+            raise ValueError(f"data.crop_scale={list(crop_scale)} and data.crop_ratio={list(crop_ratio)} must "
+                             f"be increasing positive ranges")
         self.jitter = None
         if train and any(v > 0 for v in (brightness, contrast, saturation, hue)):
-            from torchvision.transforms import ColorJitter
-
             self.jitter = ColorJitter(brightness=brightness, contrast=contrast, saturation=saturation, hue=hue)
-
-    @property
-    def random(self) -> bool:
-        return self.train
 
     def __call__(self, image: Tensor) -> Tensor:
         if not self.train:
             return (resize(image, self.size) - self.mean) / self.std
-        from torchvision.transforms import RandomResizedCrop
-
         # Crop first: flipping and jittering the small result is cheaper than the full image.
         top, left, height, width = RandomResizedCrop.get_params(image, list(self.crop_scale), list(self.crop_ratio))
         x = resize(image[:, top:top + height, left:left + width], self.size)
@@ -280,7 +273,7 @@ class FPTDataset(Dataset):
             if self.frozen is not None:
                 item["frozen"] = self.frozen(image)
             if self.side is not None:
-                if self.side.random:
+                if self.side.train:  # random: seeded per (seed, epoch, position)
                     with torch.random.fork_rng(devices=[]):
                         torch.manual_seed(sample_seed(self.seed, self.epoch, position))
                         item["side"] = self.side(image)
@@ -326,8 +319,6 @@ def compute_mean_std(split: ImageFolderSplit, size: Tuple[int, int], num_workers
 
     Returns (mean, std, bad image messages). BadImageError on an unreadable image unless skipping.
     """
-    from torch.utils.data import DataLoader
-
     loader = DataLoader(_PixelStatistics(split, size), batch_size=16, num_workers=num_workers,
                         collate_fn=lambda items: items)
     total = torch.zeros(2, 3, dtype=torch.float64)

@@ -118,7 +118,8 @@ def vit_b_learnable_share(preset: str = "fpt+") -> float:
     from .model import FPT
 
     with torch.device("meta"):
-        return FPT(FPTConfig.preset(preset, backbone="vit_base_patch16_384", num_classes=len(CLASSES))).learnable_share()
+        config = FPTConfig.preset(preset, backbone="vit_base_patch16_384", num_classes=len(CLASSES))
+        return FPT(config).learnable_share()
 
 
 def run_demo(out: Path = Path("fpt_demo"), epochs: Optional[int] = None, seed: int = 0, progress: bool = True,
@@ -161,7 +162,8 @@ def format_report(report: DemoReport) -> str:
         "",
         "================ FPT demo report ================",
         f"task: {len(CLASSES)} classes ({', '.join(CLASSES)}) told apart only by a period-2 texture inside the",
-        f"      lesions, seen by the frozen branch at {IMAGE_SIZE} px, averaged away at the side input of {SIDE_SIZE} px",
+        f"      lesions, seen by the frozen branch at {IMAGE_SIZE} px, averaged away at the side input "
+        f"of {SIDE_SIZE} px",
         f"learnable parameters: {100 * report.learnable_share:.2f}% of this demo model (tiny random backbone); "
         f"{100 * report.vit_b_share:.2f}% for FPT+ on ViT-B/16-384",
         f"feature store: {report.bytes_per_image / 1024:.1f} KiB per image (bf16 shards) vs "

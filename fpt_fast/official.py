@@ -162,7 +162,8 @@ def load_official_checkpoint(source: Union[str, Path, Mapping[str, Tensor]], con
         raise ValueError(f"official checkpoint does not fit this FPTConfig: missing {missing}, unexpected "
                          f"{unexpected} (check the preset: prompt_norm / prompt_proj, and the number of layers)")
     pos_key = "side.pos_embed"
-    if converted[pos_key].shape != expected[pos_key].shape and converted[pos_key].shape[-1] == expected[pos_key].shape[-1]:
+    theirs, ours = converted[pos_key].shape, expected[pos_key].shape
+    if theirs != ours and theirs[-1] == ours[-1]:  # same width, another grid: resample
         from timm.layers import resample_abs_pos_embed
 
         grid = model.side.patch_embed.grid_size

@@ -324,7 +324,8 @@ class StoreWriter:
                     break  # shards are written in order: keep the intact prefix only
                 finished.append(shard)
             index["shards"] = finished
-            index["complete"] = index.get("complete", False) and len(finished) == self.num_shards(len(samples), per_shard)
+            all_there = len(finished) == self.num_shards(len(samples), per_shard)
+            index["complete"] = index.get("complete", False) and all_there
             return index
         index = {"split": split, "samples": samples, "samples_per_shard": self.samples_per_shard,
                  "shards": [], "complete": False}
@@ -357,7 +358,7 @@ def preload_split(model, writer: StoreWriter, split, transform, device: torch.de
     """
     from torch.utils.data import DataLoader
 
-    from .data import BadImageError, BadSample, FPTDataset, collate
+    from .data import BadImageError, FPTDataset, collate
 
     start_time = time.perf_counter()
     samples = [(s.path, s.label) for s in split.samples]

@@ -24,7 +24,7 @@ import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -121,17 +121,20 @@ def load_checkpoint(path: Union[str, Path]) -> dict:
     return payload
 
 
-def model_from_checkpoint(payload: dict, settings: Settings) -> FPT:
-    model = build_model(settings, len(payload["classes"]))
-    trainable = {**{f"fusion.{k}": v for k, v in model.fusion.state_dict().items()},
-                 **{f"side.{k}": v for k, v in model.side.state_dict().items()}}
-    missing = sorted(set(trainable) - set(payload["model"]))
-    unexpected = sorted(set(payload["model"]) - set(trainable))
+def load_trainable_state_dict(model: FPT, weights: dict) -> None:
+    """Loads FPT.trainable_state_dict() output (fusion.*, side.*); ValueError naming keys that do not fit."""
+    expected = set(model.trainable_state_dict())
+    missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
     if missing or unexpected:
         raise ValueError(f"checkpoint weights do not fit the model of its settings: missing {missing}, "
                          f"unexpected {unexpected}")
-    model.fusion.load_state_dict({k[len("fusion."):]: v for k, v in payload["model"].items() if k.startswith("fusion.")})
-    model.side.load_state_dict({k[len("side."):]: v for k, v in payload["model"].items() if k.startswith("side.")})
+    for prefix, module in (("fusion.", model.fusion), ("side.", model.side)):
+        module.load_state_dict({k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)})
+
+
+def model_from_checkpoint(payload: dict, settings: Settings) -> FPT:
+    model = build_model(settings, len(payload["classes"]))
+    load_trainable_state_dict(model, payload["model"])
     return model
 
 
@@ -153,31 +156,36 @@ def check_backbone(model: FPT, payload: dict, side_only: bool) -> str:
 # --------------------------------------------------------------------------------- data
 @dataclass
 class Normalization:
+    """Resolved data.mean / data.std (RGB) and the messages of images skipped while computing them."""
+
     mean: List[float]
     std: List[float]
-    source: str
+    bad_images: List[str] = field(default_factory=list)
 
 
 def resolve_normalization(settings: Settings, train_split: Optional[ImageFolderSplit],
-                          store: Optional[FeatureStore], log: Log) -> Tuple[Normalization, List[str]]:
+                          store: Optional[FeatureStore], log: Log) -> Normalization:
     """data.mean / data.std as numbers: given, or "auto": the store's (computed when it was
     preloaded), else computed from the train split at the frozen input size."""
     data = settings.data
     if data.mean != "auto" and data.std != "auto":
-        return Normalization(list(data.mean), list(data.std), "settings"), []
+        return Normalization(list(data.mean), list(data.std))
+    bad: List[str] = []
     if store is not None:
-        transform = store.fingerprint["transform"]
-        mean = transform["mean"] if data.mean == "auto" else list(data.mean)
-        std = transform["std"] if data.std == "auto" else list(data.std)
-        return Normalization(mean, std, f"feature store {store.root}"), []
-    if train_split is None:
+        computed = store.fingerprint["transform"]
+        source = f"feature store {store.root}"
+    elif train_split is not None:
+        log(f"computing mean/std of {len(train_split)} training images ...")
+        mean, std, bad = compute_mean_std(train_split, settings.fpt_config(len(train_split.classes)).image_size,
+                                          data.num_workers, data.skip_bad_images)
+        computed = {"mean": mean, "std": std}
+        source = "the train split"
+    else:
         raise ValueError("data.mean/data.std are 'auto' but there is no train split to compute them from")
-    log(f"computing mean/std of {len(train_split)} training images ...")
-    mean, std, bad = compute_mean_std(train_split, settings.fpt_config(len(train_split.classes)).image_size,
-                                      data.num_workers, data.skip_bad_images)
-    mean = mean if data.mean == "auto" else list(data.mean)
-    std = std if data.std == "auto" else list(data.std)
-    return Normalization(mean, std, "train split"), bad
+    mean = computed["mean"] if data.mean == "auto" else list(data.mean)
+    std = computed["std"] if data.std == "auto" else list(data.std)
+    log(f"normalisation from {source}: mean {[round(v, 4) for v in mean]}, std {[round(v, 4) for v in std]}")
+    return Normalization(mean, std, bad)
 
 
 def open_store(settings: Settings, model: FPT, transform: FrozenTransform) -> FeatureStore:
@@ -394,8 +402,8 @@ class Trainer:
             settings = settings.replace("data", mean=stored.mean if data.mean == "auto" else data.mean,
                                         std=stored.std if data.std == "auto" else data.std)
         store = FeatureStore(data.store) if data.store is not None and not opts.side_only else None
-        normalization, bad_messages = resolve_normalization(settings, train_split, store, log)
-        self.bad.extend(bad_messages)
+        normalization = resolve_normalization(settings, train_split, store, log)
+        self.bad.extend(normalization.bad_images)
         settings = settings.replace("data", mean=normalization.mean, std=normalization.std)
         self.settings = settings = settings.replace("model", num_classes=len(self.classes))
         if checkpoint is not None:
@@ -457,9 +465,7 @@ class Trainer:
             raise ValueError(f"cannot resume: classes are {self.classes} now, {checkpoint['classes']} then")
 
     def _restore(self, checkpoint: dict) -> None:
-        weights = checkpoint["model"]
-        self.model.fusion.load_state_dict({k[len("fusion."):]: v for k, v in weights.items() if k.startswith("fusion.")})
-        self.model.side.load_state_dict({k[len("side."):]: v for k, v in weights.items() if k.startswith("side.")})
+        load_trainable_state_dict(self.model, checkpoint["model"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.scheduler.load_state_dict(checkpoint["scheduler"])
         self.history = list(checkpoint["history"])
@@ -499,7 +505,8 @@ class Trainer:
                      f"{'  *best' if is_best else ''}")
         board.close()
         if self.bad.messages:
-            self.log(f"{len(self.bad.messages)} unreadable image(s) were left out:\n  " + "\n  ".join(self.bad.messages))
+            self.log(f"{len(self.bad.messages)} unreadable image(s) were left out:\n  "
+                     + "\n  ".join(self.bad.messages))
         return TrainResult(self.settings, self.out_dir, self.history, self.best_epoch, self.best_metric, self.share,
                            self.classes, self.bad.messages)
 
@@ -706,7 +713,8 @@ def preload(settings: Settings, log: Log = print) -> PreloadResult:
     splits = [ImageFolderSplit(data.root, name, classes) for name in opts.splits]
     train_split = next((s for s in splits if s.split == "train"), None) or ImageFolderSplit(data.root, "train", classes)
     existing = FeatureStore(data.store) if (Path(data.store) / MANIFEST).is_file() else None
-    normalization, bad_messages = resolve_normalization(settings, train_split, existing, log)
+    normalization = resolve_normalization(settings, train_split, existing, log)
+    bad_messages = list(normalization.bad_images)
     settings = settings.replace("data", mean=normalization.mean, std=normalization.std)
     model = build_model(settings, len(classes))
     config = model.config
@@ -751,7 +759,7 @@ def verify_store(settings: Settings, recompute: int = 4, log: Log = print):
     model = transform = None
     device = resolve_device(settings.preload.device)
     if data.root is not None and recompute > 0:
-        normalization, _ = resolve_normalization(settings, None, store, log)
+        normalization = resolve_normalization(settings, None, store, log)
         settings = settings.replace("data", mean=normalization.mean, std=normalization.std)
         model = build_model(settings, len(store.classes))
         transform = FrozenTransform(model.config.image_size, normalization.mean, normalization.std)
