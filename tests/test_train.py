@@ -129,3 +129,27 @@ def test_loss_falls_and_checkpoint_evaluates(tmp_path):
     evaluation = evaluate(result.settings, result.out_dir / "best.pt", "val", **QUIET)
     assert evaluation.metrics["auc"] == pytest.approx(result.history[best]["val_auc"])
     assert (result.out_dir / "eval_val.json").is_file()
+
+
+def test_worker_processes_do_not_change_the_run(tmp_path):
+    settings = tiny_settings(tmp_path, "train.epochs=1")
+    preload(settings, **QUIET)
+    in_process = train(settings.replace("train", out_dir=str(tmp_path / "w0")), **QUIET)
+    workers = train(settings.replace("train", out_dir=str(tmp_path / "w2")).replace("data", num_workers=2), **QUIET)
+    a, b = load_checkpoint(tmp_path / "w0" / "last.pt"), load_checkpoint(tmp_path / "w2" / "last.pt")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert in_process.history[0]["val_auc"] == workers.history[0]["val_auc"]
+
+
+def test_tensorboard_when_available_else_said(tmp_path):
+    settings = tiny_settings(tmp_path, "train.epochs=1", "train.tensorboard=true", "train.val_split=null",
+                             "data.store=null", "data.mean=[0.5, 0.5, 0.5]", "data.std=[0.25, 0.25, 0.25]")
+    lines = []
+    result = train(settings, log=lines.append)
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+    except ImportError:
+        assert any("TensorBoard logging is off" in line for line in lines)
+    else:
+        assert any((result.out_dir / "tensorboard").iterdir())
+    assert result.best_epoch == 1  # no validation split: the last epoch is the best
