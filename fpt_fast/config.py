@@ -16,7 +16,7 @@ import torch
 Size = Union[int, Tuple[int, int]]
 
 IMPORTANCE_MODES = ("global", "class_token")
-ATTENTION_BACKENDS = ("auto", "sdpa", "xformers", "triton", "math")
+ATTENTION_BACKENDS = ("auto", "sdpa", "xformers", "triton", "native", "math")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

@@ -57,11 +57,11 @@ def check_architecture(backbone: nn.Module, layers) -> None:
                              f"VisionTransformer-style blocks with a fused qkv projection")
 
 
-FROZEN_ATTENTION = ("triton", "sdpa", "math")
 # What each attention_backend runs: (fpt_fast.ops backend of the extracted blocks, whether the other
 # blocks use timm's fused scaled_dot_product_attention rather than its eager N x N path).
-_PLAN = {"triton": ("triton", True), "sdpa": ("torch", True), "math": ("reference", False)}
-AUTO_PRIORITY = {"cuda": ("triton", "sdpa"), "cpu": ("sdpa",)}
+_PLAN = {"triton": ("triton", True), "native": ("native", True), "sdpa": ("torch", True),
+         "math": ("reference", False)}
+AUTO_PRIORITY = {"cuda": ("triton", "sdpa"), "cpu": ("native", "sdpa")}
 
 
 def attention_backends(device, dtype: torch.dtype = torch.float32, head_dim: int = 64) -> dict:
@@ -69,6 +69,7 @@ def attention_backends(device, dtype: torch.dtype = torch.float32, head_dim: int
     device = torch.device(device)
     reasons = {
         "triton": ops.unsupported_reason("triton", "attention_with_importance", device, dtype, head_dim),
+        "native": ops.unsupported_reason("native", "attention_with_importance", device, dtype, head_dim),
         "sdpa": None,
         "math": None,
         "xformers": "not implemented: no xformers build was available to test it against; "

@@ -9,11 +9,12 @@ Ops (each has a twin with the same signature in ``fpt_fast.reference``):
 Backends (pick per call with ``backend=`` or globally with ``set_backend`` / ``use_backend``):
     "triton"    fused Triton kernels (kernels/); default for CUDA tensors. On the CPU only under
                 Triton's interpreter (TRITON_INTERPRET=1 set before triton is imported).
-    "native"    the C++/CUDA extension fpt_fast._C, when it is built.
-    "torch"     memory-efficient pure PyTorch (query-chunked, never N x N); default on the CPU.
+    "native"    the C++/CUDA extension fpt_fast._C (csrc/), built on first use; default on the CPU.
+    "torch"     memory-efficient pure PyTorch (query-chunked, never N x N); default on the CPU when
+                the native extension cannot be built.
     "reference" fpt_fast.reference: materialises everything; for testing.
 "auto" walks ``PRIORITY`` for the tensors' device and takes the first backend that supports the
-call. Naming a backend that cannot run the call raises a ValueError with its reason; when nothing
+call; under torch.compile it skips "native", whose ops cannot be traced. Naming a backend that cannot run the call raises a ValueError with its reason; when nothing
 fits, the error lists every backend's reason.
 
 Contracts: inputs may be non-contiguous (kernels read through strides or the launcher copies);
@@ -36,7 +37,9 @@ from torch import Tensor
 from . import reference
 
 BACKENDS = ("triton", "native", "torch", "reference")
-PRIORITY = {"cuda": ("triton", "native", "torch"), "cpu": ("torch",)}
+# "native" first on the CPU: 3-65x faster than "torch" there (benchmarks/native_cpu.py). Its first use
+# builds it (about 30 s, cached); without a compiler it says why once and "torch" is taken.
+PRIORITY = {"cuda": ("triton", "native", "torch"), "cpu": ("native", "torch")}
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MODES = ("global", "class_token")
 MAX_TRITON_HEAD_DIM = 128
@@ -106,9 +109,16 @@ def unsupported_reason(backend: str, op: str, device: torch.device, dtype: torch
 
 def _resolve(op: str, backend: Optional[str], t: Tensor, head_dim: int) -> str:
     name = _default_backend if backend is None else backend
+    compiling = torch.compiler.is_compiling()
+    if compiling and name == "native":
+        raise ValueError(f"{op}: backend 'native' cannot be traced by torch.compile (its ops have no fake "
+                         f"implementations); use 'triton' or 'torch'")
     if name == "auto":
         reasons = []
-        for candidate in PRIORITY.get(t.device.type, ("torch",)):
+        candidates = PRIORITY.get(t.device.type, ("torch",))
+        if compiling:  # only backends with fake implementations (or plain torch code) can be traced
+            candidates = tuple(c for c in candidates if c != "native")
+        for candidate in candidates:
             reason = unsupported_reason(candidate, op, t.device, t.dtype, head_dim)
             if reason is None:
                 return candidate

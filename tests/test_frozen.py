@@ -157,7 +157,7 @@ def test_training_step_records_nothing_of_the_frozen_branch():
     assert saved_bytes(lambda: model(x_hi)) == saved_bytes(lambda: model.forward_features(x_lo, features))
 
 
-@pytest.mark.parametrize("backend", ["sdpa", "math", "triton"])
+@pytest.mark.parametrize("backend", ["sdpa", "math", "triton", "native"])
 @pytest.mark.parametrize("variant", ["plain", "dinov2_reg4_patch14", "qk_norm"])
 def test_every_attention_backend_matches_reference(backend, variant):
     kwargs = {
