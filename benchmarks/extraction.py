@@ -273,6 +273,7 @@ def parse_args(argv):
     p.add_argument("--batch", type=int, default=None, help="default 8")
     p.add_argument("--warmup-ms", type=float, default=None)
     p.add_argument("--rep-ms", type=float, default=None)
+    p.add_argument("--no-throughput", action="store_true", help="skip the img/s and peak-memory rows")
     p.add_argument("--no-search", action="store_true", help="skip the largest-resolution search")
     p.add_argument("--search-providers", type=common.str_list, default=["reference_fpt", "fpt_fast_fpt"])
     p.add_argument("--search-batch", type=int, default=8)
@@ -313,10 +314,10 @@ def main(argv=None) -> List[dict]:
     gen = torch.Generator(device=device).manual_seed(args.seed)
     peaks = common.peaks_for(args.out, device, args.smoke)
     saver = common.Saver(args.out, "extraction", args, budget, device, peaks)
-    for bb in args.backbones:
+    for bb in args.backbones if not (args.no_throughput and args.no_search) else []:
         spec = BACKBONES[bb]
         ex = Extractors(spec, device, args.resolutions[0])
-        for res in args.resolutions:
+        for res in args.resolutions if not args.no_throughput else []:
             saver.add(bench_throughput(ex, res, args.batch, args, peaks, budget, gen))
         if not args.no_search:
             saver.add(max_resolution_rows(ex, args, budget, gen))
