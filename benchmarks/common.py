@@ -128,12 +128,14 @@ def _json_default(x):
 
 
 # ----------------------------------------------------------------------------- environment
-def _version(module: str) -> Optional[str]:
+def _version(distribution: str) -> Optional[str]:
+    # Package metadata, not an import: importing peft pulls in transformers (seconds of budget).
+    from importlib import metadata
+
     try:
-        mod = __import__(module)
-    except Exception:  # a broken optional package must not stop a benchmark
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
         return None
-    return getattr(mod, "__version__", "unknown")
 
 
 def _driver_version() -> Optional[str]:

@@ -174,9 +174,9 @@ def _apply_lora(model: nn.Module, rank: int) -> nn.Module:
 
 def unavailable_reason(method: str) -> Optional[str]:
     if method == "lora":
-        try:
-            import peft  # noqa: F401
-        except ImportError:
+        import importlib.util
+
+        if importlib.util.find_spec("peft") is None:
             return "peft not installed (pip install peft); LoRA is a benchmark-only comparison"
     return None
 
