@@ -87,9 +87,10 @@ def to_storage(t: Tensor, dtype: str) -> np.ndarray:
     return cast.numpy()
 
 
-def from_storage(array: np.ndarray, dtype: str) -> Tensor:
-    """The torch tensor (stored dtype) of an array read from disk; copies out of any memory map."""
-    array = np.array(array, copy=True)
+def from_storage(array: np.ndarray, dtype: str, copy: bool = True) -> Tensor:
+    """The torch tensor (stored dtype) of an array read from disk. copy=True copies it out of a
+    memory map; copy=False shares the memory of an array the caller owns."""
+    array = np.array(array, copy=True) if copy else np.ascontiguousarray(array)
     if dtype == "bfloat16":
         return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(array)
@@ -195,7 +196,7 @@ class StoreSplit:
 
     def read_batch(self, positions: Sequence[int]) -> Tuple[Tensor, Tensor]:
         """keys, values of several samples, each (L, B, H, n, d): the layout FPT.forward_features takes."""
-        records = from_storage(np.stack([self.read_record(p) for p in positions]), self.dtype)
+        records = from_storage(np.stack([self.read_record(p) for p in positions]), self.dtype, copy=False)
         return records[:, 0].transpose(0, 1), records[:, 1].transpose(0, 1)
 
 
