@@ -80,10 +80,13 @@ def memory_section(rows: List[dict]) -> str:
         groups[(r["shape"], r["device"], r["dtype"])].append(r)
     for (shape, device, dtype), group in groups.items():
         backend = next((r.get("fusion_backend") for r in group if r.get("fusion_backend")), None)
+        frozen = next((r.get("frozen_attention") for r in group if r.get("frozen_attention")), None)
         measured = next((r.get("measured_batches") for r in group if r.get("measured_batches")), None)
         lines += ["", f"### {shape}, {dtype}, computed on {device}", "",
                   f"Measured at batches {measured}, extrapolated linearly to the batch above"
-                  + (f"; fpt_fast's fusion ran its '{backend}' backend." if backend else "."), ""]
+                  + (f"; fpt_fast's fusion ran its '{backend}' backend" if backend else "")
+                  + (f", its online frozen branch the '{frozen}' attention (op-internal workspaces are not "
+                     "seen by the live-tensor count)" if frozen else "") + ".", ""]
         body = []
         for r in group:
             if r["status"] != "ok":

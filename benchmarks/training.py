@@ -415,6 +415,11 @@ def accounting_rows(args, budget: common.Budget) -> List[dict]:
                                    method=method))
         if "fpt" in method and not method.startswith("reference"):
             r.update(fusion_backend=fusion_backend, feature_dtype=args.feature_dtype or "float32")
+            if not method.endswith("_preloaded"):
+                from fpt_fast.frozen import resolve_attention_backend
+
+                # What the online step's frozen branch ran here ("auto" differs between devices).
+                r["frozen_attention"] = resolve_attention_backend("auto", device, torch.float32)
         reason = unavailable_reason(method) or (budget.reason if budget.expired() else None)
         if reason:
             r.update(status="skipped", reason=reason)
