@@ -61,6 +61,7 @@ setup(
     extras_require={
         "test": ["pytest>=7", "scikit-learn"],
         "tensorboard": ["tensorboard"],
+        "bench": ["matplotlib"],  # benchmarks.report plots; `pip install peft` adds the LoRA rows
         "xformers": ["xformers"],
     },
     entry_points={"console_scripts": ["fpt-fast=fpt_fast.__main__:main"]},

@@ -62,8 +62,11 @@ class FineGrainedFusion(nn.Module):
 
     def forward(self, keys: Tensor, values: Tensor) -> Tensor:
         q = self.queries()
-        # Stored features may be narrower (bf16) than the prompts; the attention runs in q's dtype.
-        context = ops.prompt_attention(q, keys.to(q.dtype), values.to(q.dtype), backend=self.op_backend)
+        # Attend in the narrower dtype: up-casting stored bf16 features would copy the step's largest
+        # tensors and keep the copies for backward; the kernels accumulate in fp32 anyway.
+        dtype = keys.dtype if keys.element_size() < q.element_size() else q.dtype
+        context = ops.prompt_attention(q.to(dtype), keys.to(dtype), values.to(dtype),
+                                       backend=self.op_backend).to(q.dtype)
         raw = self.prompts[:, None]                                      # (L, 1, P, dp)
         if raw.shape[-1] == context.shape[-1]:
             fused = self.out_proj(context + raw.to(context.dtype))

@@ -61,7 +61,8 @@ def test_bf16_features_are_accepted():
     keys, values = features(dtype=torch.bfloat16)
     out = fusion(keys, values)
     assert out.dtype == torch.float32
-    torch.testing.assert_close(out, fusion(keys.float(), values.float()))
+    # The attention runs in bf16 (the features' dtype) with fp32 accumulation.
+    torch.testing.assert_close(out, fusion(keys.float(), values.float()), atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.parametrize("kwargs, match", [
