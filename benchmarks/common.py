@@ -545,3 +545,12 @@ def run_meta(args, budget: Budget) -> dict:
 def warn_cpu_timings(device) -> None:
     if torch.device(device).type != "cuda":
         print("note: timings below are CPU timings (smoke/harness check), not GPU results", file=sys.stderr)
+
+
+def start_run(args):
+    """What every benchmark's main() starts with: (device, budget, seeded generator on the device)."""
+    device = resolve_device(args)
+    budget = Budget(args.budget_s)
+    warn_cpu_timings(device)
+    torch.manual_seed(args.seed)
+    return device, budget, torch.Generator(device=device).manual_seed(args.seed)

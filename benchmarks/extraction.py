@@ -307,11 +307,7 @@ def parse_args(argv):
 
 def main(argv=None) -> List[dict]:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    device = common.resolve_device(args)
-    budget = common.Budget(args.budget_s)
-    common.warn_cpu_timings(device)
-    torch.manual_seed(args.seed)
-    gen = torch.Generator(device=device).manual_seed(args.seed)
+    device, budget, gen = common.start_run(args)
     peaks = common.peaks_for(args.out, device, args.smoke)
     saver = common.Saver(args.out, "extraction", args, budget, device, peaks)
     for bb in args.backbones if not (args.no_throughput and args.no_search) else []:

@@ -236,11 +236,7 @@ def parse_args(argv):
 
 def main(argv=None) -> List[dict]:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    device = common.resolve_device(args)
-    budget = common.Budget(args.budget_s)
-    common.warn_cpu_timings(device)
-    torch.manual_seed(args.seed)
-    gen = torch.Generator(device=device).manual_seed(args.seed)
+    device, budget, gen = common.start_run(args)
     if args.smoke:
         sizes, B, H, d = SMOKE_SIZES, args.batch or 2, 2, 32
         prompt = ("tiny@64", 2, 4, 2, 4, 13, 32)
