@@ -8,6 +8,10 @@
 
 Settings: see fpt_fast.settings (``--print-config`` shows the resolved ones). Bad input ends the
 command with exit status 2 and a one-line message naming the file or setting.
+
+Several GPUs or nodes: start ``preload`` and ``train`` with torchrun (``torchrun --nproc_per_node=K
+-m fpt_fast train ...``); each process finds its place in torchrun's environment variables
+(fpt_fast.distributed). The other commands run in one process.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+from . import distributed
 from .settings import Settings, load_settings
 
 
@@ -99,8 +104,30 @@ def _checkpoint_settings(args, checkpoint_path: str):
 
 
 def _print_config(settings: Settings) -> int:
-    sys.stdout.write(settings.to_yaml())
+    if _rank() == 0:  # once, not once per torchrun process
+        sys.stdout.write(settings.to_yaml())
     return 0
+
+
+def _rank() -> int:
+    env = distributed.torchrun_env()
+    return env.rank if env is not None else 0
+
+
+def _process_label() -> str:
+    """" (process r)" under torchrun, so that messages of several processes can be told apart."""
+    try:
+        env = distributed.torchrun_env()
+    except ValueError:  # the bad variables are what the message is about
+        return ""
+    return f" (process {env.rank})" if env is not None else ""
+
+
+def _single_process(command: str) -> None:
+    """The commands that do not split their work refuse to run once per torchrun process."""
+    if distributed.torchrun_env() is not None:
+        raise ValueError(f"{command} runs in one process: start it without torchrun "
+                         f"(only preload and train use several)")
 
 
 def run_preload(args) -> int:
@@ -109,10 +136,13 @@ def run_preload(args) -> int:
     settings = _settings(args)
     if args.print_config:
         return _print_config(settings)
-    preload(settings)
-    if args.verify:
-        return 0 if verify_store(settings, recompute=args.recompute).ok else 1
-    return 0
+    with distributed.process_group(settings.preload.device):
+        preload(settings)
+        if not args.verify:
+            return 0
+        # Rank 0 checks the finished store; every process exits with its verdict.
+        group = distributed.current()
+        return 0 if group.broadcast_result(lambda: verify_store(settings, recompute=args.recompute).ok) else 1
 
 
 def run_train(args) -> int:
@@ -121,15 +151,18 @@ def run_train(args) -> int:
     settings = _settings(args)
     if args.print_config:
         return _print_config(settings)
-    result = train(settings, resume=args.resume)
-    print(f"best epoch {result.best_epoch} (val {settings.train.selection_metric} {result.best_metric:.4f}); "
-          f"checkpoints and log in {result.out_dir}")
+    with distributed.process_group(settings.train.device):
+        result = train(settings, resume=args.resume)
+    if _rank() == 0:
+        print(f"best epoch {result.best_epoch} (val {settings.train.selection_metric} {result.best_metric:.4f}); "
+              f"checkpoints and log in {result.out_dir}")
     return 0
 
 
 def run_evaluate(args) -> int:
     from .train import evaluate
 
+    _single_process("evaluate")
     checkpoint = args.checkpoint
     if checkpoint is None:
         checkpoint = str(Path(_settings(args).train.out_dir) / "best.pt")
@@ -143,6 +176,7 @@ def run_evaluate(args) -> int:
 def run_predict(args) -> int:
     from .train import predict
 
+    _single_process("predict")
     settings = _checkpoint_settings(args, args.checkpoint)
     if args.print_config:
         return _print_config(settings)
@@ -153,6 +187,7 @@ def run_predict(args) -> int:
 def run_demo(args) -> int:
     from . import demo
 
+    _single_process("demo")
     if args.print_config:
         return _print_config(demo.demo_settings(Path(args.out), epochs=args.epochs, seed=args.seed))
     demo.run_demo(Path(args.out), epochs=args.epochs, seed=args.seed, progress=not args.no_progress)
@@ -171,7 +206,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ValueError, TypeError, FileNotFoundError) as e:
         if os.environ.get("FPT_FAST_DEBUG"):
             raise
-        print(f"fpt-fast {args.command}: error: {e}\n(set FPT_FAST_DEBUG=1 for the traceback)", file=sys.stderr)
+        where = _process_label()
+        print(f"fpt-fast {args.command}{where}: error: {e}\n(set FPT_FAST_DEBUG=1 for the traceback)",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"fpt-fast {args.command}: interrupted (finished shards/epochs are kept; rerun preload, or "

@@ -10,14 +10,16 @@ Two transforms per image (spec section 4):
   normalise; eval: resize to side_input_size, normalise.
 All resizes are bilinear with antialiasing (as fpt_fast.model.resize_for_side).
 
-Augmentation randomness is a pure function of (seed, epoch, sample position), so a run gives the
-same batches whatever the number of workers, and a resumed run repeats an uninterrupted one.
+Augmentation randomness is a pure function of (seed, epoch, sample position), and the order of
+an epoch a function of (seed, epoch) (EpochBatches), so a run gives the same batches whatever the
+number of workers or of torchrun processes, and a resumed run repeats an uninterrupted one.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -297,7 +299,7 @@ def collate(items: List) -> Dict[str, object]:
 
 
 class _PixelStatistics(Dataset):
-    """Per-image channel sums at the frozen input size, for computing mean/std."""
+    """(position, per-image channel sums at the frozen input size), for computing mean/std."""
 
     def __init__(self, split: ImageFolderSplit, size: Tuple[int, int]):
         self.split, self.size = split, size
@@ -309,34 +311,81 @@ class _PixelStatistics(Dataset):
         try:
             image = resize(load_image(self.split.path(position)), self.size).double()
         except BadImageError as e:
-            return BadSample(position, str(self.split.path(position)), str(e))
-        return torch.stack([image.sum(dim=(1, 2)), (image * image).sum(dim=(1, 2))])
+            return position, BadSample(position, str(self.split.path(position)), str(e))
+        return position, torch.stack([image.sum(dim=(1, 2)), (image * image).sum(dim=(1, 2))])
+
+
+def _as_list(items: List) -> List:
+    return items
 
 
 def compute_mean_std(split: ImageFolderSplit, size: Tuple[int, int], num_workers: int = 0,
-                     skip_bad_images: bool = False) -> Tuple[List[float], List[float], List[str]]:
+                     skip_bad_images: bool = False, group=None) -> Tuple[List[float], List[float], List[str]]:
     """RGB mean and std of the split's pixels after resizing to size (the frozen input).
 
+    group: the processes of a torchrun run (fpt_fast.distributed.Group) or None. Each process
+    reads every world_size-th image; the per-image sums are gathered and added in position order
+    on every process, so all of them get the single-process result bit for bit.
     Returns (mean, std, bad image messages). BadImageError on an unreadable image unless skipping.
     """
+    rank, world_size = (group.rank, group.world_size) if group is not None else (0, 1)
     loader = DataLoader(_PixelStatistics(split, size), batch_size=16, num_workers=num_workers,
-                        collate_fn=lambda items: items)
+                        sampler=range(rank, len(split), world_size), collate_fn=_as_list)
+    sums = [item for items in loader for item in items]
+    if world_size > 1:
+        sums = sorted((item for part in group.all_gather_object(sums) for item in part), key=lambda item: item[0])
     total = torch.zeros(2, 3, dtype=torch.float64)
     count, bad = 0, []
-    for items in loader:
-        for item in items:
-            if isinstance(item, BadSample):
-                if not skip_bad_images:
-                    raise BadImageError(item.reason)
-                bad.append(item.reason)
-                continue
-            total += item
-            count += size[0] * size[1]
+    for _, item in sums:
+        if isinstance(item, BadSample):
+            if not skip_bad_images:
+                raise BadImageError(item.reason)  # after the gather: every process stops alike
+            bad.append(item.reason)
+            continue
+        total += item
+        count += size[0] * size[1]
     if count == 0:
         raise ValueError(f"no readable image in {str(split.root / split.split)!r} to compute mean/std from")
     mean = total[0] / count
     std = (total[1] / count - mean * mean).clamp_min(0).sqrt()
     return mean.tolist(), [max(float(s), 1e-6) for s in std.tolist()], bad
+
+
+class EpochBatches:
+    """The training batches of one process, epoch after epoch (a DataLoader batch_sampler).
+
+    Epoch e visits the dataset in the order of a permutation drawn from epoch_order_seed(seed, e),
+    cut into global batches of world_size * batch_size items. Process r gets the r-th of
+    world_size slices of each global batch: batch_size items, except in a shorter last global
+    batch, whose slices have ceil(size / world_size) items (the last processes may get fewer, or
+    none). So a step of K processes with batch b sees the samples of a step of one process with
+    batch K * b, and the number of steps is the same on every process.
+    """
+
+    def __init__(self, num_items: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        if batch_size < 1:
+            raise ValueError(f"batch size must be at least 1, got {batch_size}")
+        self.num_items, self.batch_size, self.seed = num_items, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.batch_size * self.world_size
+
+    def __len__(self) -> int:
+        return math.ceil(self.num_items / self.global_batch_size)
+
+    def __iter__(self) -> Iterator[List[int]]:
+        order = torch.randperm(self.num_items, generator=make_generator(epoch_order_seed(self.seed, self.epoch)))
+        order = order.tolist()
+        for start in range(0, self.num_items, self.global_batch_size):
+            chunk = order[start:start + self.global_batch_size]
+            share = math.ceil(len(chunk) / self.world_size)
+            yield chunk[self.rank * share:(self.rank + 1) * share]
 
 
 def make_generator(seed: int) -> torch.Generator:

@@ -80,8 +80,11 @@ class PreloadSettings:
     """How ``preload`` writes the feature store.
 
     dtype: storage width of K_sel / V_sel. batch_size: images per frozen-branch forward.
-    shard_mb: target size of one shard file in MiB (fractions allowed). splits: splits to preload.
-    device: "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...
+    shard_mb: target size of one shard file in MiB (fractions allowed). Under torchrun the shards
+        of a split are dealt out to the processes: a split with fewer shards leaves some idle.
+    splits: splits to preload.
+    device: "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...; under torchrun "auto" and
+        "cuda" are cuda:LOCAL_RANK.
     """
 
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
@@ -95,6 +98,9 @@ class PreloadSettings:
 class TrainSettings:
     """Optimisation (official defaults: AdamW, 20 epochs, batch 16, weight decay 0.1, clipping 1.0).
 
+    batch_size, eval_batch_size: images per process and step. Under torchrun with K processes the
+        global (optimisation) batch is K * batch_size; lr is not scaled with it.
+    device: as PreloadSettings.device.
     warmup_epochs: linear warm-up length (fractional epochs allowed), then cosine decay to 0.
     class_weights: None, "balanced" (n_samples / (n_classes * n_class)) or one weight per class.
     amp: bf16 autocast on CUDA (ignored on the CPU).

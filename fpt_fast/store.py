@@ -15,7 +15,12 @@ the official per-image fp32 files.
 
 Every file is written to a temporary name and moved into place with os.replace, so a store never
 holds a half-written file. A shard is registered in the index only after its file is in place, so
-an interrupted preload resumes at the first unfinished shard.
+an interrupted preload resumes with the unfinished shards.
+
+Under torchrun (several processes) each process writes whole shards of its own and records them
+in its part file, ``<split>.part-<rank>.json``; once all are done, rank 0 folds the part files into
+the index in one atomic write. A resumed preload (with any number of processes) folds the part
+files of the interrupted one in first, so each shard is computed once.
 
 The fingerprint records everything that determines the features (backbone, hash of its weights,
 input size, extracted layers, token ratio, importance, compute and stored dtypes, the transform);
@@ -295,6 +300,7 @@ class StoreWriter:
         if not shard_mb > 0:
             raise ValueError(f"setting preload.shard_mb={shard_mb!r} must be positive")
         self.samples_per_shard = max(1, int(shard_mb * 2 ** 20) // self.record_bytes)
+        self._parts: Dict[str, List[dict]] = {}  # split -> shards this process recorded in its part file
         self.root.mkdir(parents=True, exist_ok=True)
         manifest_path = self.root / MANIFEST
         if manifest_path.exists():
@@ -308,72 +314,153 @@ class StoreWriter:
                                               "feature_shape": list(self.feature_shape),
                                               "classes": list(classes)})
 
+    def index_path(self, split: str) -> Path:
+        return self.root / f"{split}.index.json"
+
+    def part_paths(self, split: str) -> List[Path]:
+        """The part files of a torchrun preload of split: the shards each process finished."""
+        return sorted(self.root.glob(f"{split}.part-*.json"))
+
     def open_index(self, split: str, samples: Sequence[tuple]) -> dict:
-        """The split's index: the existing one (checked against samples, shards whose file is
-        missing or has the wrong size dropped), or a new one."""
-        path = self.root / f"{split}.index.json"
+        """The split's index: the existing one (checked against samples), or a new one.
+
+        Its shards are those it lists plus those the processes of an interrupted torchrun preload
+        recorded in their part files, less any whose file is missing or has the wrong size. Part
+        files are folded into the index (index written, then the part files deleted), and
+        temporary files of killed writers removed: one process calls this while none writes."""
+        path = self.index_path(split)
         samples = [list(s) for s in samples]
-        if path.exists():
-            index = read_json(path)
-            check_same_samples(split, [tuple(s) for s in index["samples"]], [tuple(s) for s in samples], str(self.root))
-            per_shard = index["samples_per_shard"]
-            finished = []
-            for k, shard in enumerate(index["shards"]):
-                file = self.root / shard["file"]
-                if shard["start"] != k * per_shard or not file.is_file() \
-                        or file.stat().st_size != shard["count"] * self.record_bytes:
-                    break  # shards are written in order: keep the intact prefix only
-                finished.append(shard)
-            index["shards"] = finished
-            all_there = len(finished) == self.num_shards(len(samples), per_shard)
-            index["complete"] = index.get("complete", False) and all_there
+        for tmp in self.root.glob(f".{split}-*.bin.tmp-*"):  # left by a killed process
+            tmp.unlink()
+        parts = self.part_paths(split)
+        if not path.exists():
+            for part in parts:  # written after an index that is gone: nothing to keep
+                part.unlink()
+            index = {"split": split, "samples": samples, "samples_per_shard": self.samples_per_shard,
+                     "shards": [], "complete": False}
+            atomic_write_json(path, index)
             return index
-        index = {"split": split, "samples": samples, "samples_per_shard": self.samples_per_shard,
-                 "shards": [], "complete": False}
-        atomic_write_json(path, index)
+        index, parts, changed = self._folded(split, samples)
+        if parts:
+            if changed:
+                atomic_write_json(path, index)
+            for part in parts:  # after the index holds their shards: a crash in between loses nothing
+                part.unlink()
         return index
+
+    def _folded(self, split: str, samples: Sequence[list]) -> Tuple[dict, List[Path], bool]:
+        """(the existing index with the intact shards it and the part files list, the part files,
+        whether that differs from the index on disk)."""
+        index = read_json(self.index_path(split))
+        check_same_samples(split, [tuple(s) for s in index["samples"]], [tuple(s) for s in samples], str(self.root))
+        parts = self.part_paths(split)
+        listed = list(index["shards"]) + [shard for part in parts for shard in read_json(part)["shards"]]
+        finished: Dict[int, dict] = {}
+        for shard in listed:
+            if self._intact(split, shard, index["samples_per_shard"], len(samples)):
+                finished.setdefault(shard["start"], shard)
+        shards = [finished[start] for start in sorted(finished)]
+        all_there = len(shards) == self.num_shards(len(samples), index["samples_per_shard"])
+        complete = bool(index.get("complete", False) and all_there)
+        changed = shards != index["shards"] or complete != index.get("complete", False)
+        index["shards"], index["complete"] = shards, complete
+        return index, parts, changed
+
+    def read_index(self, split: str, samples: Sequence[tuple]) -> dict:
+        """The split's index as it is (for the processes of a torchrun preload other than rank 0,
+        after rank 0 opened it)."""
+        index = read_json(self.index_path(split))
+        check_same_samples(split, [tuple(s) for s in index["samples"]], [tuple(s) for s in samples], str(self.root))
+        return index
+
+    def _intact(self, split: str, shard: dict, per_shard: int, num_samples: int) -> bool:
+        start = shard.get("start")
+        if not isinstance(start, int) or start % per_shard or not 0 <= start < num_samples:
+            return False
+        count = min(per_shard, num_samples - start)
+        file = self.root / shard["file"]
+        return (shard["file"] == f"{split}-{start // per_shard:05d}.bin" and shard["count"] == count
+                and file.is_file() and file.stat().st_size == count * self.record_bytes)
 
     @staticmethod
     def num_shards(num_samples: int, per_shard: int) -> int:
         return math.ceil(num_samples / per_shard)
 
-    def commit_shard(self, index: dict, k: int, tmp: Path, count: int, sha256: str, left_out: List[int]) -> None:
-        """Moves a finished shard file into place, then records it in the split's index."""
-        name = f"{index['split']}-{k:05d}.bin"
+    def commit_shard(self, index: dict, k: int, tmp: Path, count: int, sha256: str, left_out: List[int],
+                     part: Optional[int] = None) -> None:
+        """Moves a finished shard file into place, then records it: in the split's index, or, for
+        process ``part`` of a torchrun preload, in that process's part file (merged at the end)."""
+        split = index["split"]
+        name = f"{split}-{k:05d}.bin"
         os.replace(tmp, self.root / name)
-        index["shards"].append({"file": name, "start": k * index["samples_per_shard"], "count": count,
-                                "sha256": sha256, "left_out": left_out})
-        atomic_write_json(self.root / f"{index['split']}.index.json", index)
+        entry = {"file": name, "start": k * index["samples_per_shard"], "count": count, "sha256": sha256,
+                 "left_out": left_out}
+        index["shards"] = sorted(index["shards"] + [entry], key=lambda shard: shard["start"])
+        if part is None:
+            atomic_write_json(self.index_path(split), index)
+            return
+        mine = self._parts.setdefault(split, [])
+        mine.append(entry)
+        atomic_write_json(self.root / f"{split}.part-{part:05d}.json", {"split": split, "shards": mine})
 
     def finish(self, index: dict) -> None:
         index["complete"] = True
-        atomic_write_json(self.root / f"{index['split']}.index.json", index)
+        atomic_write_json(self.index_path(index["split"]), index)
+
+    def merge(self, split: str, samples: Sequence[tuple]) -> dict:
+        """Rank 0, after every process of a torchrun preload finished its shards: folds the part
+        files into the index and marks it complete (one atomic write), then deletes them."""
+        index, parts, _ = self._folded(split, [list(s) for s in samples])
+        per_shard = index["samples_per_shard"]
+        present = {shard["start"] // per_shard for shard in index["shards"]}
+        missing = [k for k in range(self.num_shards(len(samples), per_shard)) if k not in present]
+        if missing:
+            raise ValueError(f"feature store {str(self.root)!r}: shard(s) {missing} of split {split!r} are "
+                             f"missing after every process finished; on several nodes, data.store must be "
+                             f"a folder all nodes share")
+        self.finish(index)
+        for part in parts:
+            part.unlink()
+        return index
 
 
 def preload_split(model, writer: StoreWriter, split, transform, device: torch.device, batch_size: int,
-                  num_workers: int = 0, skip_bad_images: bool = False, progress: bool = False) -> SplitReport:
+                  num_workers: int = 0, skip_bad_images: bool = False, progress: bool = False,
+                  group=None) -> SplitReport:
     """Computes and stores the features of one ImageFolderSplit, continuing an interrupted run.
 
     BadImageError on an unreadable image unless skip_bad_images (then its record is zeros, its
     position is recorded as left out, and its message is in the report). Finished shards stay valid.
+
+    group: the processes of a torchrun preload (fpt_fast.distributed.Group), or None. The shards
+    still to write are dealt out round-robin; each process writes its own, records them in its
+    part file, and rank 0 merges the part files into the index once all are done. Every process
+    gets the report of the whole split.
     """
     from torch.utils.data import DataLoader
 
     from .data import BadImageError, FPTDataset, collate
+    from .distributed import Group
 
+    group = group or Group()
     start_time = time.perf_counter()
     samples = [(s.path, s.label) for s in split.samples]
-    index = writer.open_index(split.split, samples)
+    index = group.main_first(lambda: writer.open_index(split.split, samples) if group.is_main
+                             else writer.read_index(split.split, samples))
     per_shard = index["samples_per_shard"]
     total_shards = writer.num_shards(len(samples), per_shard)
-    done = len(index["shards"])
-    left_out_messages: List[str] = []
-    if done < total_shards:
-        positions = range(done * per_shard, len(samples))
+    done = {shard["start"] // per_shard for shard in index["shards"]}
+    todo = [k for k in range(total_shards) if k not in done]
+    mine = todo[group.rank::group.world_size]
+    part = group.rank if group.active else None
+    left_out: List[Tuple[int, str]] = []
+    error = None
+    if mine:
+        positions = [p for k in mine for p in range(k * per_shard, min((k + 1) * per_shard, len(samples)))]
         dataset = FPTDataset(split, side=None, frozen=transform, positions=positions)
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                             collate_fn=collate, pin_memory=device.type == "cuda")
-        bar = _progress_bar(progress, len(positions), f"preload {split.split}")
+        bar = _progress_bar(progress and group.is_main, len(positions), f"preload {split.split}")
         shard = None
         try:
             for batch in loader:
@@ -381,7 +468,8 @@ def preload_split(model, writer: StoreWriter, split, transform, device: torch.de
                 for b in bad:
                     if not skip_bad_images:
                         raise BadImageError(b.reason)
-                    left_out_messages.append(b.reason)
+                    left_out.append((b.position, b.reason))
+                # Positions ascend within a process's shards, and each shard's are all there.
                 for position in sorted(records):
                     k, offset = divmod(position, per_shard)
                     if shard is None:
@@ -390,21 +478,41 @@ def preload_split(model, writer: StoreWriter, split, transform, device: torch.de
                     count = min(per_shard, len(samples) - k * per_shard)
                     if offset == count - 1:
                         shard.close()
-                        writer.commit_shard(index, k, shard.tmp, count, shard.digest.hexdigest(), shard.left_out)
+                        writer.commit_shard(index, k, shard.tmp, count, shard.digest.hexdigest(), shard.left_out,
+                                            part=part)
                         shard = None
                 if bar is not None:
                     bar.update(len(batch["label"]) + len(bad))
+        except (ValueError, TypeError, FileNotFoundError) as e:  # BadImageError is a ValueError
+            if not group.active:
+                raise
+            error = e  # raised below on every process, not left for the others to wait on
         finally:
             if shard is not None:
                 shard.discard()
             if bar is not None:
                 bar.close()
-    else:
-        left_out_messages = [f"{samples[p][0]} (left out in an earlier run)"
-                             for s in index["shards"] for p in s["left_out"]]
-    writer.finish(index)
-    return SplitReport(split.split, len(samples), total_shards - done, done,
-                       time.perf_counter() - start_time, left_out_messages)
+    elif not todo:
+        left_out = [(p, f"{samples[p][0]} (left out in an earlier run)")
+                    for shard in index["shards"] for p in shard["left_out"]]
+    seconds = time.perf_counter() - start_time
+    if not group.active:
+        writer.finish(index)
+        return SplitReport(split.split, len(samples), len(todo), len(done), seconds, [m for _, m in sorted(left_out)])
+    reports = group.all_gather_object((seconds, left_out, None if error is None else str(error)))
+    if error is not None:
+        raise error
+    failed = [(rank, message) for rank, (_, _, message) in enumerate(reports) if message is not None]
+    if failed:
+        raise ValueError(f"process {failed[0][0]} stopped: {failed[0][1]}")
+    group.broadcast_result(lambda: _merged(writer, split.split, samples))
+    left_out = sorted(item for _, items, _ in reports for item in items)
+    return SplitReport(split.split, len(samples), len(todo), len(done), max(r[0] for r in reports),
+                       [m for _, m in left_out])
+
+
+def _merged(writer: StoreWriter, split: str, samples: Sequence[tuple]) -> None:
+    writer.merge(split, samples)  # the index stays on rank 0: the others need only "done"
 
 
 def _batch_records(model, batch: dict, device: torch.device, writer: StoreWriter):

@@ -30,17 +30,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
-from torch import Tensor
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from .data import (BadImageError, FPTDataset, FrozenTransform, ImageFolderSplit, ImageList, collate,
-                   compute_mean_std, epoch_order_seed, find_classes, list_images, make_generator,
-                   side_transform)
-from .frozen import FrozenFeatures
+from .data import (BadImageError, EpochBatches, FPTDataset, FrozenTransform, ImageFolderSplit, ImageList, collate,
+                   compute_mean_std, find_classes, list_images, make_generator, side_transform)
+from .distributed import Group, local_device
 from .metrics import METRIC_ORDER, classification_metrics, pme, ppe
 from .model import FPT
 from .settings import Settings
-from .store import FeatureStore, atomic_write_bytes, atomic_write_json, fingerprint, weights_sha256
+from .store import TORCH_DTYPES, FeatureStore, atomic_write_bytes, atomic_write_json, fingerprint, weights_sha256
 
 CHECKPOINT_KIND = "fpt_fast.checkpoint"
 CHECKPOINT_FORMAT = 1
@@ -54,16 +54,9 @@ Log = Callable[[str], None]
 
 
 def resolve_device(name: str) -> torch.device:
-    """"auto" -> CUDA when available, else the CPU; anything else as torch.device."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise ValueError(f"device {name!r} is not a valid torch device: {e}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} was asked for but CUDA is not available")
-    return device
+    """"auto" -> CUDA when available, else the CPU; anything else as torch.device. Under torchrun,
+    "auto" and "cuda" are cuda:LOCAL_RANK (fpt_fast.distributed.local_device)."""
+    return local_device(name)
 
 
 def build_model(settings: Settings, num_classes: int) -> FPT:
@@ -75,9 +68,24 @@ def build_model(settings: Settings, num_classes: int) -> FPT:
         return FPT(config)
 
 
-def side_only_logits(model: FPT, side: Tensor) -> Tensor:
-    """The side network alone: the same ViT, no prompts, no frozen branch (ablation baseline)."""
-    return VisionTransformer.forward(model.side, side)
+class TrainableNet(nn.Module):
+    """The learnable part of an FPT as one module: fusion + side network, or, when side_only, the
+    side network alone (the same ViT, no prompts, no frozen branch: the ablation baseline).
+    DistributedDataParallel wraps this, so it sees only parameters that get gradients and none of
+    the frozen branch's buffers; the frozen branch runs outside it.
+
+    forward(side (B, 3, h, w), keys, values (L, B, H, n, d) or None) -> logits (B, C).
+    """
+
+    def __init__(self, model: FPT, side_only: bool):
+        super().__init__()
+        self.side = model.side
+        self.fusion = None if side_only else model.fusion
+
+    def forward(self, side: Tensor, keys: Optional[Tensor] = None, values: Optional[Tensor] = None) -> Tensor:
+        if self.fusion is None:
+            return VisionTransformer.forward(self.side, side)  # SideViT.forward wants prompts
+        return self.side(side, self.fusion(keys, values))
 
 
 def learnable_share(model: FPT, side_only: bool) -> float:
@@ -164,9 +172,10 @@ class Normalization:
 
 
 def resolve_normalization(settings: Settings, train_split: Optional[ImageFolderSplit],
-                          store: Optional[FeatureStore], log: Log) -> Normalization:
+                          store: Optional[FeatureStore], log: Log, group: Optional[Group] = None) -> Normalization:
     """data.mean / data.std as numbers: given, or "auto": the store's (computed when it was
-    preloaded), else computed from the train split at the frozen input size."""
+    preloaded), else computed from the train split at the frozen input size (shared among the
+    processes of ``group``, with the single-process result)."""
     data = settings.data
     if data.mean != "auto" and data.std != "auto":
         return Normalization(list(data.mean), list(data.std))
@@ -177,7 +186,7 @@ def resolve_normalization(settings: Settings, train_split: Optional[ImageFolderS
     elif train_split is not None:
         log(f"computing mean/std of {len(train_split)} training images ...")
         mean, std, bad = compute_mean_std(train_split, settings.fpt_config(len(train_split.classes)).image_size,
-                                          data.num_workers, data.skip_bad_images)
+                                          data.num_workers, data.skip_bad_images, group)
         computed = {"mean": mean, "std": std}
         source = "the train split"
     else:
@@ -197,11 +206,15 @@ def open_store(settings: Settings, model: FPT, transform: FrozenTransform) -> Fe
     return store
 
 
-def make_loader(dataset, batch_size: int, shuffle: bool, seed: int, num_workers: int,
-                device: torch.device) -> DataLoader:
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
-                      collate_fn=collate, generator=make_generator(seed), pin_memory=device.type == "cuda",
-                      drop_last=False)
+def make_loader(dataset, batch_size: int, num_workers: int, device: torch.device, sampler=None,
+                batch_sampler: Optional[EpochBatches] = None) -> DataLoader:
+    """In-order batches of dataset (of the indices ``sampler`` yields, when given), or the batches
+    of ``batch_sampler``. The generator only seeds workers: augmentation is seeded per sample."""
+    if batch_sampler is not None:
+        return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=num_workers, collate_fn=collate,
+                          generator=make_generator(batch_sampler.seed), pin_memory=device.type == "cuda")
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                      collate_fn=collate, generator=make_generator(0), pin_memory=device.type == "cuda")
 
 
 class BadImages:
@@ -225,37 +238,52 @@ class BadImages:
 
 
 # ------------------------------------------------------------------------------ stepping
-def batch_logits(model: FPT, batch: dict, device: torch.device, side_only: bool, autocast: bool) -> Tensor:
-    """Logits (B, C) of a collated batch: side network alone, with stored features, or live."""
+def batch_inputs(model: FPT, batch: dict, device: torch.device, side_only: bool):
+    """(side, keys, values) of a collated batch on device: keys/values from the store, or from the
+    frozen branch run here (live), or None (side network alone)."""
     side = batch["side"].to(device, non_blocking=True)
-    features = None
-    if not side_only:
-        if "keys" in batch:
-            # (B, L, H, n, d) as stored -> (L, B, H, n, d); the fusion casts them to its dtype
-            features = FrozenFeatures(batch["keys"].to(device, non_blocking=True).transpose(0, 1),
-                                      batch["values"].to(device, non_blocking=True).transpose(0, 1))
-        else:
-            features = model.extract(batch["frozen"].to(device, non_blocking=True))
+    if side_only:
+        return side, None, None
+    if "keys" in batch:
+        # (B, L, H, n, d) as stored -> (L, B, H, n, d); the fusion casts them to its dtype
+        return (side, batch["keys"].to(device, non_blocking=True).transpose(0, 1),
+                batch["values"].to(device, non_blocking=True).transpose(0, 1))
+    keys, values = model.extract(batch["frozen"].to(device, non_blocking=True))
+    return side, keys, values
+
+
+def batch_logits(model: FPT, batch: dict, device: torch.device, side_only: bool, autocast: bool,
+                 net: Optional[nn.Module] = None) -> Tensor:
+    """Logits (B, C) float32 of a collated batch; net: the module to run (default the model's
+    TrainableNet; in training, its DistributedDataParallel wrapper)."""
+    net = net if net is not None else TrainableNet(model, side_only)
+    side, keys, values = batch_inputs(model, batch, device, side_only)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-        logits = side_only_logits(model, side) if side_only else model.forward_features(side, features)
+        logits = net(side, keys, values)
     return logits.float()
 
 
 @torch.no_grad()
 def predict_probabilities(model: FPT, loader: DataLoader, device: torch.device, side_only: bool,
-                          autocast: bool, bad: BadImages, progress: bool = False, description: str = "eval"):
-    """(positions (N,), labels (N,), probabilities (N, C) float64) over a loader, in eval mode."""
+                          autocast: bool, bad: BadImages, progress: bool = False, description: str = "eval",
+                          allow_empty: bool = False):
+    """(positions (N,), labels (N,), probabilities (N, C) float64) over a loader, in eval mode.
+    ValueError when no image was readable, unless allow_empty (then N may be 0)."""
     model.eval()
+    net = TrainableNet(model, side_only)
     positions, labels, probabilities = [], [], []
     for batch in _bar(loader, progress, description):
         bad.handle(batch["bad"])
         if len(batch["label"]) == 0:
             continue
-        probabilities.append(batch_logits(model, batch, device, side_only, autocast).softmax(-1).double().cpu())
+        probabilities.append(batch_logits(model, batch, device, side_only, autocast, net).softmax(-1).double().cpu())
         positions.append(batch["position"])
         labels.append(batch["label"])
     if not probabilities:
-        raise ValueError("no readable image to evaluate")
+        if not allow_empty:
+            raise ValueError("no readable image to evaluate")
+        num_classes = model.config.num_classes
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, num_classes), np.float64)
     return torch.cat(positions).numpy(), torch.cat(labels).numpy(), torch.cat(probabilities).numpy()
 
 
@@ -375,19 +403,48 @@ def _comparable(settings_dict: dict) -> dict:
 
 def train(settings: Settings, resume: bool = False, log: Log = print) -> TrainResult:
     """Trains per settings into train.out_dir (best.pt, last.pt, log.csv, config.yaml); with
-    resume, continues the run whose last.pt is there."""
+    resume, continues the run whose last.pt is there.
+
+    Under torchrun (torch.distributed initialised, as ``fpt-fast train`` does when torchrun
+    starts it), every process calls this: DistributedDataParallel over the learnable part, each
+    process with its slice of every global batch (train.batch_size images per process), its own
+    frozen branch or part of the store, validation predictions gathered from all; rank 0 logs and
+    writes the files. Every process returns the same TrainResult.
+    """
     return Trainer(settings, resume, log).run()
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+def _stop_together(error: Optional[Exception], failed: float) -> None:
+    """Raises error, or (when another process failed) a BadImageError, so that all processes stop
+    at the same step instead of leaving the others waiting for the one that stopped."""
+    if error is not None:
+        raise error
+    if failed:
+        raise BadImageError("another process met an unreadable image (its message names it); set "
+                            "data.skip_bad_images (--skip-bad-images) to leave such images out")
+
+
+def process_seed(seed: int, rank: int) -> int:
+    """Seed of the global RNG (dropout) of process ``rank``: train.seed on rank 0, so a single
+    process is seeded as before, and different draws on the others."""
+    return seed if rank == 0 else (seed * 1_000_003 + rank * 7_368_787) % (2 ** 63)
 
 
 class Trainer:
     """One training run: data, model, optimizer and schedule set up from the settings (or from
-    last.pt when resuming), then one epoch after the other."""
+    last.pt when resuming), then one epoch after the other. With several processes (torchrun)
+    every process holds the same state; only rank 0 logs and writes."""
 
     def __init__(self, settings: Settings, resume: bool, log: Log):
         data, opts = settings.data, settings.train
         if data.root is None:
             raise ValueError("setting data.root is not set: the folder with train/, val/ and test/")
-        self.log = log
+        self.group = group = Group()
+        self.log = log if group.is_main else _quiet
         self.device = resolve_device(opts.device)
         self.out_dir = Path(opts.out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -396,13 +453,14 @@ class Trainer:
         train_split = ImageFolderSplit(data.root, "train", self.classes)
         val_split = ImageFolderSplit(data.root, opts.val_split, self.classes) if opts.val_split else None
 
-        checkpoint = load_checkpoint(self.out_dir / "last.pt") if resume else None
+        # Rank 0 reads last.pt and hands it to the others: no node but rank 0's needs the file.
+        checkpoint = group.broadcast_result(lambda: load_checkpoint(self.out_dir / "last.pt")) if resume else None
         if checkpoint is not None:  # "auto" mean/std: the interrupted run's values, not a recomputation
             stored = Settings.from_tree(checkpoint["settings"]).data
             settings = settings.replace("data", mean=stored.mean if data.mean == "auto" else data.mean,
                                         std=stored.std if data.std == "auto" else data.std)
         store = FeatureStore(data.store) if data.store is not None and not opts.side_only else None
-        normalization = resolve_normalization(settings, train_split, store, log)
+        normalization = resolve_normalization(settings, train_split, store, self.log, group)
         self.bad.extend(normalization.bad_images)
         settings = settings.replace("data", mean=normalization.mean, std=normalization.std)
         self.settings = settings = settings.replace("model", num_classes=len(self.classes))
@@ -419,7 +477,8 @@ class Trainer:
             if val_split is not None:
                 val_store = store.split(val_split.split, [(s.path, s.label) for s in val_split.samples])
             self.bad.extend(f"{train_split.samples[p].path} (left out when preloaded)" for p in train_store.left_out)
-        live = not opts.side_only and store is None
+        self.live = live = not opts.side_only and store is None
+        self.store = store
 
         def dataset(split, split_store, train_mode):
             side = side_transform(data, model.config.side_input_size, normalization.mean, normalization.std,
@@ -429,14 +488,20 @@ class Trainer:
 
         self.train_set = dataset(train_split, train_store, True)
         self.val_set = dataset(val_split, val_store, False) if val_split is not None else None
+        self.batches = EpochBatches(len(self.train_set), opts.batch_size, opts.seed, group.rank, group.world_size)
         if live:
             model.to(self.device)
         else:  # the frozen branch is not run: keep it off the accelerator
             model.fusion.to(self.device)
             model.side.to(self.device)
+        self.net: nn.Module = TrainableNet(model, opts.side_only)
+        if group.active:
+            # The frozen branch (and its buffers) stays outside: only the learnable part is synchronised.
+            self.net = DistributedDataParallel(
+                self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.parameters = list(model.side.parameters()) if opts.side_only else list(model.trainable_parameters())
         self.optimizer = torch.optim.AdamW(self.parameters, lr=opts.lr, weight_decay=opts.weight_decay)
-        steps_per_epoch = math.ceil(len(self.train_set) / opts.batch_size)
+        steps_per_epoch = len(self.batches)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(
             round(opts.warmup_epochs * steps_per_epoch), steps_per_epoch * opts.epochs))
         weights = class_weight_tensor(opts.class_weights, train_split.labels(), len(self.classes))
@@ -451,9 +516,10 @@ class Trainer:
         if checkpoint is not None:
             self._restore(checkpoint)
         else:
-            torch.manual_seed(opts.seed)
+            seed = process_seed(opts.seed, group.rank)
+            torch.manual_seed(seed)
             if torch.cuda.is_available():
-                torch.cuda.manual_seed_all(opts.seed)
+                torch.cuda.manual_seed_all(seed)
 
     def _check_resumable(self, checkpoint: dict) -> None:
         now, before = _comparable(self.settings.to_dict()), _comparable(checkpoint["settings"])
@@ -463,6 +529,12 @@ class Trainer:
                 f"{s}.{k}: {before.get((s, k))!r} then, {now.get((s, k))!r} now" for s, k in changed))
         if checkpoint["classes"] != self.classes:
             raise ValueError(f"cannot resume: classes are {self.classes} now, {checkpoint['classes']} then")
+        then, now_size = checkpoint.get("world_size", 1), self.group.world_size
+        if then != now_size:
+            batch = self.settings.train.batch_size
+            raise ValueError(f"cannot resume: the interrupted run had {then} process(es) (global batch "
+                             f"{then * batch}), this one has {now_size} (global batch {now_size * batch}); "
+                             f"start it with the same number of processes (torchrun --nnodes x --nproc_per_node)")
 
     def _restore(self, checkpoint: dict) -> None:
         load_trainable_state_dict(self.model, checkpoint["model"])
@@ -471,16 +543,21 @@ class Trainer:
         self.history = list(checkpoint["history"])
         self.best_metric, self.best_epoch = checkpoint["best_metric"], checkpoint["best_epoch"]
         self.start_epoch = checkpoint["epoch"] + 1
-        set_rng_state(checkpoint["rng"])
+        set_rng_state(checkpoint["rng_ranks"][self.group.rank] if self.group.active else checkpoint["rng"])
         self.log(f"resuming {self.out_dir} after epoch {self.start_epoch} of {self.settings.train.epochs}")
 
     def run(self) -> TrainResult:
-        opts = self.settings.train
-        atomic_write_bytes(self.out_dir / "config.yaml", self.settings.to_yaml().encode("utf-8"))
+        opts, group = self.settings.train, self.group
+        if group.is_main:
+            atomic_write_bytes(self.out_dir / "config.yaml", self.settings.to_yaml().encode("utf-8"))
+        where = str(self.device) if not group.active else (
+            f"{group.world_size} processes ({self.device.type}, global batch {self.batches.global_batch_size} = "
+            f"{group.world_size} x train.batch_size {opts.batch_size})")
         self.log(f"training {'the side network alone' if opts.side_only else 'FPT'} on {len(self.train_set)} "
-                 f"images ({len(self.classes)} classes) on {self.device}; learnable parameters "
+                 f"images ({len(self.classes)} classes) on {where}; learnable parameters "
                  f"{100 * self.share:.3f}% of the model; features {self.features_text}")
-        board = TensorBoard(opts.tensorboard, self.out_dir / "tensorboard", self.start_epoch, self.log)
+        board = TensorBoard(opts.tensorboard and group.is_main, self.out_dir / "tensorboard", self.start_epoch,
+                            self.log)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         for epoch in range(self.start_epoch, opts.epochs):
@@ -504,66 +581,143 @@ class Trainer:
                      f"lr {row['lr']:.2e}  {row['images_per_s']:.0f} img/s  mem {row['memory_mb']:.0f} MB"
                      f"{'  *best' if is_best else ''}")
         board.close()
-        if self.bad.messages:
-            self.log(f"{len(self.bad.messages)} unreadable image(s) were left out:\n  "
-                     + "\n  ".join(self.bad.messages))
+        messages = self.bad.messages
+        if group.active:  # each process met the unreadable images of its own slices
+            messages = list(dict.fromkeys(m for part in group.all_gather_object(messages) for m in part))
+        if messages:
+            self.log(f"{len(messages)} unreadable image(s) were left out:\n  " + "\n  ".join(messages))
         return TrainResult(self.settings, self.out_dir, self.history, self.best_epoch, self.best_metric, self.share,
-                           self.classes, self.bad.messages)
+                           self.classes, messages)
+
+    def _bad_images(self, bad: Sequence) -> Optional[BadImageError]:
+        """self.bad.handle(bad); with several processes, its error is returned, to be raised on all."""
+        try:
+            self.bad.handle(bad)
+        except BadImageError as e:
+            if not self.group.active:
+                raise
+            return e
+        return None
+
+    def placeholder_batch(self) -> dict:
+        """One all-zero sample, for a process whose slice of a global batch is empty (a short last
+        batch, or only unreadable images): DistributedDataParallel needs every process in every
+        step. It enters the loss with weight 0."""
+        config = self.model.config
+        batch = {"bad": [], "position": torch.zeros(1, dtype=torch.long), "label": torch.zeros(1, dtype=torch.long),
+                 "side": torch.zeros(1, 3, *config.side_input_size)}
+        if self.live:
+            batch["frozen"] = torch.zeros(1, 3, *config.image_size)
+        elif self.store is not None:
+            dtype = TORCH_DTYPES[self.store.dtype]
+            batch["keys"] = torch.zeros(1, *self.store.feature_shape, dtype=dtype)
+            batch["values"] = torch.zeros(1, *self.store.feature_shape, dtype=dtype)
+        return batch
 
     def train_epoch(self, epoch: int) -> dict:
-        """One pass over the training set; returns the epoch's log row (loss, accuracy, speed, memory)."""
-        opts, device, model = self.settings.train, self.device, self.model
+        """One pass over the training set; returns the epoch's log row (loss, accuracy, speed, memory).
+
+        The loss of a step is the class-weighted mean cross-entropy over the global batch. With
+        K processes, process r backpropagates K * sum_r(w * ce) / sum(w) (sum(w) over the global
+        batch, by one small all-reduce); DistributedDataParallel averages the gradients, which
+        gives the gradient of that global mean exactly as one process with batch K * b would.
+        """
+        opts, device, model, group = self.settings.train, self.device, self.model, self.group
         model.train()
         self.train_set.set_epoch(epoch)
-        loader = make_loader(self.train_set, opts.batch_size, True, epoch_order_seed(opts.seed, epoch),
-                             self.settings.data.num_workers, device)
+        self.batches.set_epoch(epoch)
+        loader = make_loader(self.train_set, opts.batch_size, self.settings.data.num_workers, device,
+                             batch_sampler=self.batches)
         start = time.perf_counter()
-        seen, loss_sum, correct = 0, 0.0, 0
-        bar = _bar(loader, opts.progress, f"epoch {epoch + 1}/{opts.epochs}")
+        seen, loss_sum, correct = 0, 0.0, 0  # loss_sum: this process's share of sum(batch loss * batch size)
+        bar = _bar(loader, opts.progress and group.is_main, f"epoch {epoch + 1}/{opts.epochs}")
         for batch in bar:
-            self.bad.handle(batch["bad"])
-            if len(batch["label"]) == 0:
-                continue
+            error = self._bad_images(batch["bad"])
             labels = batch["label"].to(device, non_blocking=True)
-            logits = batch_logits(model, batch, device, opts.side_only, self.autocast)
-            loss = F.cross_entropy(logits, labels, weight=self.class_weights)
+            weights = (self.class_weights[labels] if self.class_weights is not None
+                       else torch.ones(len(labels), device=device))
+            local_weight = weights.sum().item()
+            weight_total, count, failed = group.all_reduce([local_weight, len(labels), error is not None])
+            _stop_together(error, failed)
+            if weight_total <= 0:  # no readable image (or only zero class weights) in the whole global batch
+                continue
+            real = len(labels) > 0
+            if not real:
+                batch = self.placeholder_batch()
+                labels = batch["label"].to(device)
+                weights = torch.zeros(1, device=device)
+            logits = batch_logits(model, batch, device, opts.side_only, self.autocast, self.net)
+            local = (weights * F.cross_entropy(logits, labels, reduction="none")).sum()
+            loss = local / weight_total * group.world_size
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if opts.clip_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(self.parameters, opts.clip_grad_norm)
             self.optimizer.step()
             self.scheduler.step()
-            seen += len(labels)
-            loss_sum += loss.item() * len(labels)
-            correct += int((logits.argmax(-1) == labels).sum())
+            local_value = local.item()
+            seen += int(count)
+            loss_sum += local_value * count / weight_total
+            if real:
+                correct += int((logits.argmax(-1) == labels).sum())
             if bar is not loader:
                 elapsed = max(time.perf_counter() - start, 1e-9)
-                bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{seen / elapsed:.0f}",
-                                mem=f"{memory_mb(device):.0f}MB")
-        seconds = time.perf_counter() - start
+                bar.set_postfix(loss=f"{local_value / max(local_weight, 1e-12):.4f}",
+                                img_s=f"{seen / elapsed:.0f}", mem=f"{memory_mb(device):.0f}MB")
+        loss_sum, correct = group.all_reduce([loss_sum, correct])
+        seconds, memory = group.all_reduce([time.perf_counter() - start, memory_mb(device)], op="max")
         return {"epoch": epoch + 1, "lr": self.optimizer.param_groups[0]["lr"],
                 "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
-                "images_per_s": seen / max(seconds, 1e-9), "seconds": seconds, "memory_mb": memory_mb(device)}
+                "images_per_s": seen / max(seconds, 1e-9), "seconds": seconds, "memory_mb": memory}
 
     def validate(self) -> dict:
-        opts = self.settings.train
-        loader = make_loader(self.val_set, opts.eval_batch_size, False, 0, self.settings.data.num_workers,
-                             self.device)
-        _, labels, probabilities = predict_probabilities(self.model, loader, self.device, opts.side_only,
-                                                         self.autocast, self.bad)
+        """Validation metrics. With K processes, process r predicts every K-th image; the gathered
+        predictions are put back in position order, so the metrics are those of one process."""
+        opts, group = self.settings.train, self.group
+        loader = make_loader(self.val_set, opts.eval_batch_size, self.settings.data.num_workers, self.device,
+                             sampler=range(group.rank, len(self.val_set), group.world_size))
+        error = None
+        try:
+            positions, labels, probabilities = predict_probabilities(
+                self.model, loader, self.device, opts.side_only, self.autocast, self.bad, allow_empty=group.active)
+        except BadImageError as e:
+            if not group.active:
+                raise
+            error, positions, labels, probabilities = e, np.zeros(0, np.int64), np.zeros(0, np.int64), None
+        if group.active:
+            parts = group.all_gather_object((positions, labels, probabilities, error is not None))
+            _stop_together(error, sum(p[3] for p in parts))
+            positions = np.concatenate([p[0] for p in parts])
+            # Each position once (a sampler that pads would repeat some), in position order.
+            positions, first = np.unique(positions, return_index=True)
+            labels = np.concatenate([p[1] for p in parts])[first]
+            probabilities = np.concatenate([p[2] for p in parts])[first]
+            if len(positions) == 0:
+                raise ValueError("no readable image to evaluate")
         return classification_metrics(labels, probabilities)
 
     def save(self, epoch: int, is_best: bool) -> None:
-        """best.pt (when best), last.pt (with optimizer, scheduler, RNG) and log.csv, each atomically."""
-        payload = {"kind": CHECKPOINT_KIND, "format": CHECKPOINT_FORMAT, "settings": self.settings.to_dict(),
-                   "classes": self.classes, "model": self.model.trainable_state_dict(),
-                   "backbone_sha256": self.backbone_digest, "epoch": epoch, "best_metric": self.best_metric,
-                   "best_epoch": self.best_epoch, "history": self.history, "learnable_share": self.share}
-        if is_best:
-            save_checkpoint(self.out_dir / "best.pt", payload)
-        save_checkpoint(self.out_dir / "last.pt", {**payload, "optimizer": self.optimizer.state_dict(),
-                                                   "scheduler": self.scheduler.state_dict(), "rng": rng_state()})
-        write_csv(self.out_dir / "log.csv", self.history)
+        """best.pt (when best), last.pt (with optimizer, scheduler, RNG) and log.csv, each atomically,
+        by rank 0; the other processes wait until they are written (an error there stops all)."""
+        group = self.group
+        rng_ranks = group.all_gather_object(rng_state())  # every process's dropout RNG, for an exact resume
+
+        def write() -> None:
+            payload = {"kind": CHECKPOINT_KIND, "format": CHECKPOINT_FORMAT, "settings": self.settings.to_dict(),
+                       "classes": self.classes, "model": self.model.trainable_state_dict(),
+                       "backbone_sha256": self.backbone_digest, "epoch": epoch, "best_metric": self.best_metric,
+                       "best_epoch": self.best_epoch, "history": self.history, "learnable_share": self.share,
+                       "world_size": group.world_size}
+            if is_best:
+                save_checkpoint(self.out_dir / "best.pt", payload)
+            resume_state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                            "rng": rng_ranks[0]}
+            if group.active:
+                resume_state["rng_ranks"] = rng_ranks
+            save_checkpoint(self.out_dir / "last.pt", {**payload, **resume_state})
+            write_csv(self.out_dir / "log.csv", self.history)
+
+        group.broadcast_result(write)
 
 
 # ------------------------------------------------------------------------------ evaluate
@@ -611,7 +765,7 @@ def evaluate(settings: Settings, checkpoint_path: Union[str, Path], split_name: 
     bad = BadImages(data.skip_bad_images)
     if split_store is not None:
         bad.extend(f"{split.samples[p].path} (left out when preloaded)" for p in split_store.left_out)
-    loader = make_loader(dataset, opts.eval_batch_size, False, 0, data.num_workers, device)
+    loader = make_loader(dataset, opts.eval_batch_size, data.num_workers, device)
     _, labels, probabilities = predict_probabilities(model, loader, device, side_only,
                                                      opts.amp and device.type == "cuda", bad, opts.progress,
                                                      f"evaluate {split_name}")
@@ -666,7 +820,7 @@ def predict(settings: Settings, checkpoint_path: Union[str, Path], images: Union
     dataset = FPTDataset(image_list, side, None if side_only else transform)
     model.to(device)
     bad = BadImages(data.skip_bad_images)
-    loader = make_loader(dataset, opts.eval_batch_size, False, 0, data.num_workers, device)
+    loader = make_loader(dataset, opts.eval_batch_size, data.num_workers, device)
     positions, _, probabilities = predict_probabilities(model, loader, device, side_only,
                                                         opts.amp and device.type == "cuda", bad, opts.progress,
                                                         "predict")
@@ -700,9 +854,17 @@ class PreloadResult:
 
 
 def preload(settings: Settings, log: Log = print) -> PreloadResult:
-    """Writes (or finishes) the feature store data.store for the splits preload.splits."""
+    """Writes (or finishes) the feature store data.store for the splits preload.splits.
+
+    Under torchrun (torch.distributed initialised) every process calls this: each computes and
+    writes its share of every split's shards (data.store must then be a folder all nodes share),
+    rank 0 merges the index of each split once all are done and logs. Every process returns the
+    PreloadResult of the whole store.
+    """
     from .store import MANIFEST, StoreWriter, preload_split
 
+    group = Group()
+    log = log if group.is_main else _quiet
     data, opts = settings.data, settings.preload
     if data.store is None:
         raise ValueError("setting data.store is not set: the folder to write the features to")
@@ -713,7 +875,7 @@ def preload(settings: Settings, log: Log = print) -> PreloadResult:
     splits = [ImageFolderSplit(data.root, name, classes) for name in opts.splits]
     train_split = next((s for s in splits if s.split == "train"), None) or ImageFolderSplit(data.root, "train", classes)
     existing = FeatureStore(data.store) if (Path(data.store) / MANIFEST).is_file() else None
-    normalization = resolve_normalization(settings, train_split, existing, log)
+    normalization = resolve_normalization(settings, train_split, existing, log, group)
     bad_messages = list(normalization.bad_images)
     settings = settings.replace("data", mean=normalization.mean, std=normalization.std)
     model = build_model(settings, len(classes))
@@ -721,20 +883,25 @@ def preload(settings: Settings, log: Log = print) -> PreloadResult:
     transform = FrozenTransform(config.image_size, normalization.mean, normalization.std)
     run_fingerprint = fingerprint(model, transform.description(), opts.dtype, device)
     feature_shape = (len(config.layers), config.info.num_heads, config.num_selected, config.info.head_dim)
-    writer = StoreWriter(data.store, run_fingerprint, feature_shape, classes, opts.shard_mb)
+    # Rank 0 creates the manifest (or checks the existing one) before the others open the store.
+    writer = group.main_first(lambda: StoreWriter(data.store, run_fingerprint, feature_shape, classes, opts.shard_mb))
     model.to(device).eval()
+    where = str(device) if not group.active else f"{group.world_size} processes ({device.type})"
     log(f"preloading into {data.store}: K_sel/V_sel of shape (L={feature_shape[0]}, H={feature_shape[1]}, "
-        f"n={feature_shape[2]}, d={feature_shape[3]}) per image, stored as {opts.dtype}, on {device}")
+        f"n={feature_shape[2]}, d={feature_shape[3]}) per image, stored as {opts.dtype}, on {where}")
     reports = []
     for split in splits:
         report = preload_split(model, writer, split, transform, device, opts.batch_size, data.num_workers,
-                               data.skip_bad_images, settings.train.progress)
+                               data.skip_bad_images, settings.train.progress, group)
         reports.append(report)
         bad_messages += report.left_out
         rate = (report.samples / report.seconds) if report.shards_written else 0.0
         log(f"  {split.split}: {report.samples} images, {report.shards_written} shard(s) written"
             f"{f', {report.shards_reused} kept from an earlier run' if report.shards_reused else ''}, "
             f"{report.seconds:.1f} s{f' ({rate:.1f} img/s)' if rate else ''}")
+        if 0 < report.shards_written < group.world_size and not report.shards_reused:
+            log(f"    (work is dealt out by shard: {report.shards_written} shard(s) for {group.world_size} "
+                f"processes; a smaller preload.shard_mb spreads a split wider)")
     store = FeatureStore(data.store)
     total_bytes = sum(f.stat().st_size for f in store.root.iterdir() if f.is_file())
     images = sum(r.samples for r in reports)
