@@ -72,6 +72,7 @@ def local_device(name: str) -> torch.device:
 
     Under torchrun "auto" and "cuda" mean cuda:LOCAL_RANK (one GPU per process); a device with an
     explicit index is refused when several processes share the node, as they would share the GPU.
+    In a process group set up without torchrun, they mean the current CUDA device.
     """
     env = torchrun_env()
     if name == "auto":
@@ -87,6 +88,8 @@ def local_device(name: str) -> torch.device:
     if not torch.cuda.is_available():
         raise ValueError(f"device {name!r} was asked for but CUDA is not available")
     if env is None:
+        if device.index is None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            return torch.device("cuda", torch.cuda.current_device())  # a group set up by the caller
         return device
     if device.index is not None:
         if env.local_world_size > 1:

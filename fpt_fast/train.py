@@ -22,6 +22,7 @@ import math
 import os
 import resource
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Union
@@ -650,7 +651,11 @@ class Trainer:
             local = (weights * F.cross_entropy(logits, labels, reduction="none")).sum()
             loss = local / weight_total * group.world_size
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            with warnings.catch_warnings():
+                # A 1-image slice gives the side network's class token a strided gradient, which
+                # DistributedDataParallel copies into its bucket and warns about; a copy is all it costs.
+                warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+                loss.backward()
             if opts.clip_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(self.parameters, opts.clip_grad_norm)
             self.optimizer.step()
