@@ -28,6 +28,7 @@ opening a store with a different fingerprint is an error that names both sides.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -36,7 +37,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import BinaryIO, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -56,19 +57,26 @@ VERIFY_TOLERANCE = {"bfloat16": 3 * 2.0 ** -8, "float16": 3 * 2.0 ** -11, "float
 
 
 # --------------------------------------------------------------------------- atomic writes
-def atomic_write_bytes(path: Union[str, Path], data: bytes) -> None:
-    """Writes data to path through a temporary file in the same folder and os.replace."""
+@contextlib.contextmanager
+def atomic_open(path: Union[str, Path]) -> Iterator[BinaryIO]:
+    """A binary file that appears at path only once it is completely written and synced: writes go
+    to a temporary file in the same folder, renamed into place with os.replace on success."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def atomic_write_bytes(path: Union[str, Path], data: bytes) -> None:
+    with atomic_open(path) as f:
+        f.write(data)
 
 
 def atomic_write_json(path: Union[str, Path], obj) -> None:

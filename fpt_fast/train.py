@@ -19,7 +19,6 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
 import resource
 import time
 import warnings
@@ -41,7 +40,7 @@ from .distributed import Group, local_device
 from .metrics import METRIC_ORDER, classification_metrics, pme, ppe
 from .model import FPT
 from .settings import Settings
-from .store import TORCH_DTYPES, FeatureStore, atomic_write_bytes, atomic_write_json, fingerprint, weights_sha256
+from .store import TORCH_DTYPES, FeatureStore, atomic_open, atomic_write_bytes, atomic_write_json, fingerprint, weights_sha256
 
 CHECKPOINT_KIND = "fpt_fast.checkpoint"
 CHECKPOINT_FORMAT = 1
@@ -98,18 +97,9 @@ def learnable_share(model: FPT, side_only: bool) -> float:
 
 # ----------------------------------------------------------------------------- checkpoints
 def save_checkpoint(path: Union[str, Path], payload: dict) -> None:
-    """torch.save to a temporary file beside path, fsync, os.replace."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    """torch.save, atomically (store.atomic_open)."""
+    with atomic_open(path) as f:
+        torch.save(payload, f)
 
 
 def load_checkpoint(path: Union[str, Path]) -> dict:
