@@ -263,6 +263,30 @@ def plots(rows: List[dict], folder: Path) -> List[str]:
         plt.close(fig)
         written.append("kernel_speedup_vs_size.png")
 
+    acc = [r for r in rows if r["op"] == "train_memory" and r["status"] == "ok" and r.get("estimate_bytes")]
+    if acc:
+        shape, device, dtype = acc[0]["shape"], acc[0]["device"], acc[0]["dtype"]
+        group = sorted((r for r in acc if (r["shape"], r["device"], r["dtype"]) == (shape, device, dtype)),
+                       key=lambda r: r["estimate_bytes"])
+        fig, ax = plt.subplots(figsize=(8.5, 0.45 * len(group) + 1.8))
+        names = [r["provider"] for r in group]
+        values = [r["estimate_bytes"] / MB for r in group]
+        ax.barh(names, values, color="tab:blue")
+        for y, r in enumerate(group):
+            ratio = r.get("ratio_vs_full_ft")
+            if ratio is not None:
+                ax.text(r["estimate_bytes"] / MB, y, f" {100 * ratio:.2f}%", va="center", fontsize=8)
+        ax.set(xlabel="MiB per step: params + grads + AdamW + inputs + max(saved, frozen)",
+               title=f"Training memory per step, {shape}, {dtype}\n(percent of full fine-tuning; "
+                     f"computed on {device})")
+        ax.set_xlim(min(values) / 2, max(values) * 3)  # room for the labels
+        ax.set_xscale("log")
+        ax.grid(True, axis="x", alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(folder / "memory_account.png", dpi=120)
+        plt.close(fig)
+        written.append("memory_account.png")
+
     ext = [r for r in rows if r["op"] == "extract" and r["status"] == "ok"]
     if ext:
         fig, ax = plt.subplots(figsize=(7, 4.5))
