@@ -59,7 +59,7 @@ setup(
         "ninja",  # the native extension's just-in-time build (fpt_fast/native.py)
     ],
     extras_require={
-        "test": ["pytest>=7", "scikit-learn"],
+        "test": ["pytest>=7", "scikit-learn", "matplotlib"],
         "tensorboard": ["tensorboard"],
         "bench": ["matplotlib"],  # benchmarks.report plots; `pip install peft` adds the LoRA rows
         "xformers": ["xformers"],

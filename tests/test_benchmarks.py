@@ -106,6 +106,12 @@ def test_report_renders(out):
     for section in ("Device-independent training memory", "Frozen-branch extraction", "Training step", "Kernels"):
         assert section in text
     assert "| cpu" in text
+    try:
+        import matplotlib  # noqa: F401  (the plots are optional: the bench extra)
+    except ImportError:
+        return
+    for png in ("memory_account.png", "throughput_vs_batch.png", "extraction_throughput.png"):
+        assert (out / png).stat().st_size > 1000, png
 
 
 # ------------------------------------------------------------------------------- the pieces
