@@ -228,7 +228,8 @@ def _cpu_median_ms(fn: Callable, warmup_ms: float, rep_ms: float, max_reps: int 
     return statistics.median(times)
 
 
-def _cuda_event_median_ms(fn: Callable, reps: int, grad_to_none: Sequence[Tensor] = ()) -> float:
+def _cuda_event_times_ms(fn: Callable, reps: int, grad_to_none: Sequence[Tensor] = ()) -> List[float]:
+    """Per-call times from CUDA events around each call."""
     times = []
     for _ in range(reps):
         for t in grad_to_none:
@@ -239,7 +240,11 @@ def _cuda_event_median_ms(fn: Callable, reps: int, grad_to_none: Sequence[Tensor
         stop.record()
         stop.synchronize()
         times.append(start.elapsed_time(stop))
-    return statistics.median(times)
+    return times
+
+
+def _cuda_event_median_ms(fn: Callable, reps: int, grad_to_none: Sequence[Tensor] = ()) -> float:
+    return statistics.median(_cuda_event_times_ms(fn, reps, grad_to_none))
 
 
 def time_ms(fn: Callable, device, *, warmup_ms: float = 25, rep_ms: float = 100,
@@ -281,15 +286,7 @@ def step_times_ms(fn: Callable, device, *, warmup: int = 2, reps: int = 5) -> Li
         fn()
     sync(device)
     if device.type == "cuda":
-        times = []
-        for _ in range(reps):
-            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            stop.record()
-            stop.synchronize()
-            times.append(start.elapsed_time(stop))
-        return times
+        return _cuda_event_times_ms(fn, reps)
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
