@@ -67,7 +67,7 @@ AUTO_PRIORITY = {"cuda": ("triton", "sdpa"), "cpu": ("native", "sdpa")}
 def attention_backends(device, dtype: torch.dtype = torch.float32, head_dim: int = 64) -> dict:
     """{attention_backend: None if usable on this device/dtype, else why not}."""
     device = torch.device(device)
-    reasons = {
+    return {
         "triton": ops.unsupported_reason("triton", "attention_with_importance", device, dtype, head_dim),
         "native": ops.unsupported_reason("native", "attention_with_importance", device, dtype, head_dim),
         "sdpa": None,
@@ -75,18 +75,17 @@ def attention_backends(device, dtype: torch.dtype = torch.float32, head_dim: int
         "xformers": "not implemented: no xformers build was available to test it against; "
                     "'sdpa' and 'triton' cover the same memory-efficient attention",
     }
-    auto = next((b for b in AUTO_PRIORITY.get(device.type, ("sdpa",)) if reasons[b] is None), "sdpa")
-    return {"auto": f"-> {auto}", **reasons}
 
 
 def resolve_attention_backend(name: str, device, dtype: torch.dtype = torch.float32, head_dim: int = 64) -> str:
-    """The concrete backend for config.attention_backend on this device. "math" materialises N x N."""
+    """The concrete backend for config.attention_backend on this device ("auto": the first usable one
+    of AUTO_PRIORITY). "math" materialises N x N."""
     device = torch.device(device)
-    table = attention_backends(device, dtype, head_dim)
+    reasons = attention_backends(device, dtype, head_dim)
     if name == "auto":
-        return table["auto"][3:]
-    if table.get(name) is not None:
-        raise ValueError(f"attention_backend={name!r} cannot run on {device.type} {dtype}: {table[name]}")
+        return next((b for b in AUTO_PRIORITY.get(device.type, ("sdpa",)) if reasons[b] is None), "sdpa")
+    if reasons.get(name) is not None:
+        raise ValueError(f"attention_backend={name!r} cannot run on {device.type} {dtype}: {reasons[name]}")
     return name
 
 

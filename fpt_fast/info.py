@@ -6,7 +6,7 @@ import platform
 import torch
 
 from . import __version__, ops
-from .frozen import attention_backends
+from .frozen import attention_backends, resolve_attention_backend
 
 
 def report() -> str:
@@ -27,7 +27,7 @@ def report() -> str:
         lines.append(f"\nfused ops on {device} (default: {ops._resolve('any', None, torch.empty(0, device=device), 64)}):")
         for name, reason in ops.backends(device).items():
             lines.append(f"  {name:<10} {'available' if reason is None else reason}")
-        lines.append(f"frozen-branch attention on {device}:")
+        lines.append(f"frozen-branch attention on {device} (auto: {resolve_attention_backend('auto', device)}):")
         for name, reason in attention_backends(device).items():
             lines.append(f"  {name:<10} {'available' if reason is None else reason}")
     return "\n".join(lines)
