@@ -76,12 +76,6 @@ def use_backend(name: str) -> Iterator[None]:
         set_backend(previous)
 
 
-def _native_unavailable() -> Optional[str]:
-    from . import native
-
-    return native.unavailable_reason()
-
-
 def unsupported_reason(backend: str, op: str, device: torch.device, dtype: torch.dtype,
                        head_dim: int) -> Optional[str]:
     """Why ``backend`` cannot run ``op`` on these inputs, or None if it can."""
@@ -98,12 +92,9 @@ def unsupported_reason(backend: str, op: str, device: torch.device, dtype: torch
             return f"head size {head_dim} > {MAX_TRITON_HEAD_DIM}"
         return None
     if backend == "native":
-        reason = _native_unavailable()
-        if reason is not None:
-            return reason
         from . import native
 
-        return native.unsupported_reason(op, device, dtype, head_dim)
+        return native.unavailable_reason() or native.unsupported_reason(op, device, dtype, head_dim)
     raise ValueError(f"backend={backend!r} is unknown: expected 'auto' or one of {BACKENDS}")
 
 
