@@ -72,6 +72,17 @@ def _load_tile(ptrs, row_ok, col_ok, MASK_ROW: tl.constexpr, MASK_COL: tl.conste
 
 
 @triton.jit
+def _load_kv(k_base, v_base, keys, k_ok, offs_d, d_ok, stride_kn, stride_kd, stride_vn, stride_vd,
+             MASK_N: tl.constexpr, EVEN_D: tl.constexpr):
+    """The (BLOCK_N, BLOCK_D) tiles of K and V for the given key indices, masked where needed."""
+    k = _load_tile(k_base + keys[:, None] * stride_kn + offs_d[None, :] * stride_kd, k_ok, d_ok,
+                   MASK_N, not EVEN_D)
+    v = _load_tile(v_base + keys[:, None] * stride_vn + offs_d[None, :] * stride_vd, k_ok, d_ok,
+                   MASK_N, not EVEN_D)
+    return k, v
+
+
+@triton.jit
 def _store_tile(ptrs, x, row_ok, col_ok, MASK_ROW: tl.constexpr, MASK_COL: tl.constexpr):
     """Stores a 2-D tile, masking only the axes that can run past the tensor."""
     if MASK_ROW:
@@ -109,10 +120,8 @@ def _fwd_key_block(acc, m_i, l_i, q, k_base, v_base, start, N, qk_scale,
     """
     keys = start + offs_n
     k_ok = keys < N
-    k = _load_tile(k_base + keys[:, None] * stride_kn + offs_d[None, :] * stride_kd, k_ok, d_ok,
-                   MASK_N, not EVEN_D)
-    v = _load_tile(v_base + keys[:, None] * stride_vn + offs_d[None, :] * stride_vd, k_ok, d_ok,
-                   MASK_N, not EVEN_D)
+    k, v = _load_kv(k_base, v_base, keys, k_ok, offs_d, d_ok, stride_kn, stride_kd, stride_vn, stride_vd,
+                    MASK_N, EVEN_D)
     s = _dot(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT) * qk_scale
     if MASK_N:
         s = tl.where(k_ok[None, :], s, float("-inf"))
@@ -197,10 +206,8 @@ def _bwd_key_block(dq_acc, q, do, lse2, delta, k_base, v_base, dk_base, dv_base,
     there, in fp32, when ACC_KV). lse2 = lse * log2(e); delta = rowsum(dO * O)."""
     keys = start + offs_n
     k_ok = keys < N
-    k = _load_tile(k_base + keys[:, None] * stride_kn + offs_d[None, :] * stride_kd, k_ok, d_ok,
-                   MASK_N, not EVEN_D)
-    v = _load_tile(v_base + keys[:, None] * stride_vn + offs_d[None, :] * stride_vd, k_ok, d_ok,
-                   MASK_N, not EVEN_D)
+    k, v = _load_kv(k_base, v_base, keys, k_ok, offs_d, d_ok, stride_kn, stride_kd, stride_vn, stride_vd,
+                    MASK_N, EVEN_D)
     s = _dot(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT) * qk_scale
     if MASK_N:
         # Padded keys load as zeros; without this their exp(0 - lse) could overflow into 0 * inf.
