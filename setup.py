@@ -2,9 +2,9 @@
 
 The Triton kernels live in the top-level ``kernels/`` folder and are installed as the subpackage
 ``fpt_fast.kernels``. The native extension's sources (``csrc/``) are installed as package data of
-``fpt_fast.csrc`` so that an installed copy can build them just in time (fpt_fast/native.py).
+``fpt_fast.csrc`` so that an installed copy can build them just in time (fpt_fast/ops/native_backend.py).
 ``FPT_FAST_BUILD_EXT=1 pip install --no-build-isolation .`` builds them ahead of time instead, as
-``fpt_fast._C`` (torch must already be installed; the CUDA source is added where torch has CUDA and
+``fpt_fast.ops._C`` (torch must already be installed; the CUDA source is added where torch has CUDA and
 nvcc is found, unless FPT_FAST_BUILD_CUDA=0).
 """
 import os
@@ -29,9 +29,9 @@ def native_extension():
     with_cuda = (torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
                  and os.environ.get("FPT_FAST_BUILD_CUDA", "1") != "0")
     if with_cuda:
-        ext = cpp_extension.CUDAExtension("fpt_fast._C", sources + [os.path.join(csrc, "cuda_select.cu")], **kwargs)
+        ext = cpp_extension.CUDAExtension("fpt_fast.ops._C", sources + [os.path.join(csrc, "cuda_select.cu")], **kwargs)
     else:
-        ext = cpp_extension.CppExtension("fpt_fast._C", sources, **kwargs)
+        ext = cpp_extension.CppExtension("fpt_fast.ops._C", sources, **kwargs)
     return {"ext_modules": [ext], "cmdclass": {"build_ext": cpp_extension.BuildExtension}}
 
 
@@ -43,7 +43,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=["fpt_fast", "fpt_fast.kernels", "fpt_fast.csrc"],
+    packages=["fpt_fast", "fpt_fast.ops", "fpt_fast.model", "fpt_fast.app", "fpt_fast.kernels", "fpt_fast.csrc"],
     package_dir={"fpt_fast": "fpt_fast", "fpt_fast.kernels": "kernels", "fpt_fast.csrc": "csrc"},
     package_data={"fpt_fast.csrc": ["*.cpp", "*.h", "*.cu"]},
     install_requires=[
@@ -56,7 +56,7 @@ setup(
         "pillow",
         "torchvision",
         "tqdm",
-        "ninja",  # the native extension's just-in-time build (fpt_fast/native.py)
+        "ninja",  # the native extension's just-in-time build (fpt_fast/ops/native_backend.py)
     ],
     extras_require={
         "test": ["pytest>=7", "scikit-learn", "matplotlib"],

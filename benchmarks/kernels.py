@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fpt_fast import ops, reference
-from fpt_fast.config import num_selected_tokens
+from fpt_fast.model.config import num_selected_tokens
 
 from . import common
 

@@ -19,7 +19,8 @@ from typing import Callable, Dict, List
 
 import torch
 
-from fpt_fast import native, ops
+from fpt_fast import ops
+from fpt_fast.ops import native_backend as native
 
 PROVIDERS = ("native", "torch", "reference")
 

@@ -128,7 +128,7 @@ def training_section(rows: List[dict]) -> str:
              status_text(r)] for r in steps]
     scored = next((r.get("auc") for r in steps if r.get("auc") is not None), None)
     note = ("PPE / PME use the scores passed with --auc (run_all passes the papers' published mean AUCs, "
-            "FPT_SPEC.md section 7: not scores measured here); PME is against full fine-tuning's peak at "
+            "docs/method.md, section 9: not scores measured here); PME is against full fine-tuning's peak at "
             "the same shape." if scored is not None else "")
     return "\n".join(["## Training step (forward, backward, clip, AdamW)", "", note,
                       table(["method", "model", "res", "batch", "dtype", "device", "ms", "img/s", "peak MB",

@@ -10,7 +10,7 @@ On CUDA: step time (median of timed steps), images/s, peak memory (max_memory_al
 batch sweep that stops at the first out-of-memory. Always (unless --no-accounting): a
 device-independent memory account computed on the CPU (see ``account``), at --account-res and
 --account-batch, extrapolated linearly from small measured batches.
-PPE / PME (spec section 6) are added to the rows when --auc is given.
+PPE / PME (docs/method.md, section 8) are added to the rows when --auc is given.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fpt_fast import FPT, FPTConfig, reference
-from fpt_fast.model import resize_for_side
+from fpt_fast.model.fpt import resize_for_side
 
 from . import common
 
@@ -135,7 +135,7 @@ class Setup:
             from fpt_fast import FrozenFeatures
 
             feats = FrozenFeatures(keys, values)
-            return lambda: model.forward_features(x_lo, feats)
+            return lambda: model.forward_from_features(x_lo, feats)
         self.inputs = [x_hi, x_lo]
         if self.method.startswith("reference"):
             return lambda: reference.fpt_forward(model, x_hi, x_lo)
@@ -416,7 +416,7 @@ def accounting_rows(args, budget: common.Budget) -> List[dict]:
         if "fpt" in method and not method.startswith("reference"):
             r.update(fusion_backend=fusion_backend, feature_dtype=args.feature_dtype or "float32")
             if not method.endswith("_preloaded"):
-                from fpt_fast.frozen import resolve_attention_backend
+                from fpt_fast.model.frozen import resolve_attention_backend
 
                 # What the online step's frozen branch ran here ("auto" differs between devices).
                 r["frozen_attention"] = resolve_attention_backend("auto", device, torch.float32)

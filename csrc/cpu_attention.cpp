@@ -1,4 +1,4 @@
-// fpt_fast native extension: CPU attention kernels of FPT (FPT_SPEC.md sections 1, 2 and 8).
+// fpt_fast native extension: CPU attention kernels of FPT (docs/method.md, sections 2, 4 and 10).
 //
 //   token_importance_cpu           s_j = (1/N) sum_i exp(q_i.k_j/sqrt(d) - LSE_i), LSE given or computed
 //   attention_with_importance_cpu  softmax(q k^T/sqrt(d)) v and the importance (global or class token)

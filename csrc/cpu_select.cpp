@@ -1,4 +1,4 @@
-// fpt_fast native extension: fused top-n selection + gather on the CPU (FPT_SPEC.md section 1).
+// fpt_fast native extension: fused top-n selection + gather on the CPU (docs/method.md, section 2).
 //
 // Per (b, h) row: every score becomes a 64-bit key (monotone uint32 of the float, then the inverted
 // token index), so that "larger key" means "higher score, or equal score and lower index": a strict

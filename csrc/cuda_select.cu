@@ -1,4 +1,4 @@
-// fpt_fast native extension: fused radix-select + gather on CUDA (FPT_SPEC.md section 1).
+// fpt_fast native extension: fused radix-select + gather on CUDA (docs/method.md, section 2).
 //
 // One thread block per (b, h) row:
 // 1. Radix select of the n-th largest key over the row's scores, 8 bits at a time from the top (4

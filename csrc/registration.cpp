@@ -3,7 +3,7 @@
 // The library is an ordinary shared object: loading it (import fpt_fast._C when built ahead of time,
 // or torch.ops.load_library after a JIT build) runs these static registrations, and the ops are then
 // torch.ops.fpt_fast_native.*, dispatched by device. The CUDA kernels register themselves from the .cu
-// file when it is part of the build. No autograd kernels here: fpt_fast/native.py wraps
+// file when it is part of the build. No autograd kernels here: fpt_fast/ops/native_backend.py wraps
 // prompt_attention in a torch.autograd.Function whose backward is prompt_attention_backward.
 #include <torch/library.h>
 
@@ -13,7 +13,7 @@
 #include "fpt_native.h"
 
 namespace {
-// Which vector path the CPU kernels picked (cpu_math.cpp): for fpt_fast.native.info() and the tests.
+// Which vector path the CPU kernels picked (cpu_math.cpp): for fpt_fast.ops.native_backend and the tests.
 std::string cpu_isa() { return fpt_native::cpu::math().isa; }
 }  // namespace
 

@@ -2,15 +2,15 @@
 image classification.
 
     model = fpt_fast.FPT(fpt_fast.FPTConfig.preset("fpt+", backbone="vit_base_patch16_384", num_classes=5))
-"""
-from .config import FPTConfig
-from .frozen import FrozenBranch, FrozenFeatures
-from .fusion import FineGrainedFusion
-from .model import FPT, build
-from .official import load_official_checkpoint
-from .ops import backends, get_backend, set_backend, use_backend
-from .side import SideViT
 
+Layers (imports only go down): ``fpt_fast.ops`` (the fused ops, their backends and reference twins),
+``fpt_fast.model`` (config, frozen branch, fusion, side network, FPT), ``fpt_fast.app`` (settings,
+data, feature store, training, CLI).
+"""
 __version__ = "0.1.0"
+
+from .model import FPT, FineGrainedFusion, FPTConfig, FrozenBranch, FrozenFeatures, SideViT, build, load_official_checkpoint
+from .ops import backends, get_backend, set_backend, use_backend
+
 __all__ = ["FPT", "FPTConfig", "FineGrainedFusion", "FrozenBranch", "FrozenFeatures", "SideViT", "build",
            "load_official_checkpoint", "backends", "get_backend", "set_backend", "use_backend", "__version__"]

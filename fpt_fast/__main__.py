@@ -1,7 +1,7 @@
-"""``python -m fpt_fast`` and the ``fpt-fast`` console script: see fpt_fast.cli."""
+"""``python -m fpt_fast`` and the ``fpt-fast`` console script: see fpt_fast.app.cli."""
 import sys
 
-from .cli import main
+from .app.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,4 +1,4 @@
-"""Prompt cross-attention of the fine-grained fusion module (FPT_SPEC.md, section 2), fused.
+"""Prompt cross-attention of the fine-grained fusion module (docs/method.md, section 4), fused.
 
 For every extracted layer l, image b and head h, P prompt queries attend over the n selected keys:
 
@@ -29,7 +29,7 @@ Layout and limits:
   Under the interpreter, bf16 dots are done in fp32 instead (its bf16 tl.dot is broken).
 
 Caution: tested under TRITON_INTERPRET=1 on the CPU (Triton 3.8) and once on one H100 (Triton 3.6,
-torch 2.11; tests/test_prompt_attention.py passed there, realistic sizes included); no other GPU yet.
+torch 2.11; tests/ops/test_prompt_attention.py passed there, realistic sizes included); no other GPU yet.
 Measured there at L=12, B=64, H=12, P=16, n=205, d=64, bf16: forward 185 us (2.6 TB/s of K/V), but
 forward + backward through autograd about 1.1 ms, so the backward is not yet at memory speed. The
 fp32 path (IEEE dots on FMA units) is slower than PyTorch's SDPA. Block sizes are untuned guesses.

@@ -1,4 +1,4 @@
-"""Fused top-n selection and gather of the frozen branch's keys and values (FPT_SPEC.md section 1).
+"""Fused top-n selection and gather of the frozen branch's keys and values (docs/method.md, section 2).
 
 For every (b, h) row: keep the n tokens with the highest score, and copy their K and V rows, in
 ascending token index, into (B, H, n, d) outputs of the requested dtype. One launch, one program per
@@ -33,7 +33,7 @@ Limits: d <= 128 (fpt_fast.ops enforces it); scores float32/float16/bfloat16; k 
 read through their strides (no copy for views of a fused qkv tensor); outputs contiguous.
 
 Caution: tested under TRITON_INTERPRET=1 on the CPU (Triton 3.8) and on one H100 (Triton 3.6,
-torch 2.11: tests/test_select_tokens.py, all passing), no other GPU. The interpreter truncates
+torch 2.11: tests/ops/test_select_tokens.py, all passing), no other GPU. The interpreter truncates
 fp32 -> bf16 where a GPU rounds to nearest even (as torch does), so CPU tests of bf16 outputs use
 values exact in bf16. Measured on the H100 (bf16 k, v, fp32 scores, d = 64, n = floor(0.2 N)):
 B = 32, H = 12, N = 1025: 37 us, N = 4097: 117 us (1.4 TB/s effective; torch.topk + two gathers:

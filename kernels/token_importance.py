@@ -1,5 +1,5 @@
 """Token importance without N x N memory: a flash-attention forward that keeps the row LSE, and a
-column-sum kernel that turns (q, k, LSE) into FPT's "global" importance (FPT_SPEC.md, 1 and 8).
+column-sum kernel that turns (q, k, LSE) into FPT's "global" importance (docs/method.md, sections 2 and 10).
 
 Math, per batch b and head h, with scale = d ** -0.5 and i, j running over the N tokens:
     LSE_i = log sum_j exp(q_i . k_j * scale)                    natural log, float32
@@ -24,7 +24,7 @@ Under TRITON_INTERPRET=1 bfloat16 dot operands are widened to float32 first (F32
 interpreter's bfloat16 dot is wrong).
 
 Caution: tested on one GPU model only, an NVIDIA H100 (Triton 3.6, PyTorch 2.11), and under
-TRITON_INTERPRET=1 on the CPU (Triton 3.8). tests/test_token_importance.py passed on both with
+TRITON_INTERPRET=1 on the CPU (Triton 3.8). tests/ops/test_token_importance.py passed on both with
 float32 dots in "ieee"; the "tf32x3" float32 path now used on GPUs, and its float32 block sizes,
 were checked on the H100 only by a benchmark script against a float64 reference (ViT-B sizes and
 odd shapes, d = 16..128), not yet by the test file. Block sizes come from a small sweep on that

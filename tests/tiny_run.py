@@ -1,6 +1,6 @@
 """Shared by the run-level tests (store, train, cli): a tiny synthetic data set and tiny settings."""
-from fpt_fast import demo
-from fpt_fast.settings import load_settings
+from fpt_fast.app import demo
+from fpt_fast.app.settings import load_settings
 from helpers import TINY
 
 IMAGES_PER_CLASS = {"train": 4, "val": 2, "test": 2}

@@ -1,0 +1,398 @@
+"""Images for FPT: the ImageFolder layout, image decoding, the two input transforms, datasets.
+
+Layout: root/{train,val,test}/<class>/<image>; classes are the sorted sub-folder names of train/.
+Every image is decoded to float32 RGB in [0, 1] (3, H, W): grayscale is repeated to three
+channels, alpha is dropped (like PIL's convert("RGB")), 16-bit images are divided by 65535.
+
+Two transforms per image (docs/method.md, sections 3 and 6):
+- frozen branch: resize to model.image_size, normalise; never augmented (so it can be preloaded).
+- side network: train: random resized crop to side_input_size, horizontal flip, colour jitter,
+  normalise; eval: resize to side_input_size, normalise.
+All resizes are bilinear with antialiasing (as fpt_fast.model.resize_for_side).
+
+Augmentation randomness is a pure function of (seed, epoch, sample position), and the order of
+an epoch a function of (seed, epoch) (EpochBatches), so a run gives the same batches whatever the
+number of workers or of torchrun processes, and a resumed run repeats an uninterrupted one.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import ColorJitter, RandomResizedCrop
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".gif")
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+SPLITS = ("train", "val", "test")
+RESIZE_METHOD = "bilinear-antialias"
+
+
+class BadImageError(ValueError):
+    """An image file that cannot be decoded; the message names the file."""
+
+
+# --------------------------------------------------------------------------------- decoding
+def load_image(path: Union[str, Path]) -> Tensor:
+    """The image at path as float32 RGB in [0, 1], shape (3, H, W). BadImageError if unreadable."""
+    try:
+        with Image.open(path) as image:
+            image.load()  # decode now: truncated or corrupt data fails here, not later
+            array = _rgb_array(image)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise BadImageError(f"cannot read image {path}: {e}") from None
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def _rgb_array(image: Image.Image) -> np.ndarray:
+    """(H, W, 3) float32 in [0, 1] from any PIL mode."""
+    if image.mode in SIXTEEN_BIT_MODES:
+        gray = np.asarray(image, dtype=np.float32) / 65535.0
+        return np.repeat(np.clip(gray, 0.0, 1.0)[..., None], 3, axis=2)
+    if image.mode == "F":
+        gray = np.clip(np.asarray(image, dtype=np.float32), 0.0, 1.0)
+        return np.repeat(gray[..., None], 3, axis=2)
+    return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+
+
+def list_images(folder: Union[str, Path]) -> List[Path]:
+    """Image files under folder (recursively), sorted."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder {str(folder)!r} does not exist")
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+# ------------------------------------------------------------------------------- the layout
+@dataclass(frozen=True)
+class Sample:
+    """One image of a split: path relative to the dataset root (POSIX separators) and class index."""
+
+    path: str
+    label: int
+
+
+def find_classes(root: Union[str, Path]) -> List[str]:
+    """Sorted class-folder names of root/train."""
+    train = Path(root) / "train"
+    if not train.is_dir():
+        raise FileNotFoundError(f"data.root {str(root)!r} has no train/ folder (expected "
+                                f"root/{{train,val,test}}/<class>/<image>)")
+    classes = sorted(p.name for p in train.iterdir() if p.is_dir())
+    if not classes:
+        raise ValueError(f"{str(train)!r} has no class folders")
+    return classes
+
+
+class ImageFolderSplit:
+    """The samples of root/<split>/<class>/<image>, in sorted class then path order.
+
+    Classes come from the train split; a class folder in another split that train lacks is an error.
+    """
+
+    def __init__(self, root: Union[str, Path], split: str, classes: Optional[Sequence[str]] = None):
+        self.root = Path(root)
+        self.split = split
+        self.classes = list(classes) if classes is not None else find_classes(root)
+        folder = self.root / split
+        if not folder.is_dir():
+            raise FileNotFoundError(f"split folder {str(folder)!r} does not exist")
+        unknown = sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name not in self.classes)
+        if unknown:
+            raise ValueError(f"{str(folder)!r} has class folders {unknown} that train/ lacks "
+                             f"(classes: {self.classes})")
+        samples = []
+        for label, name in enumerate(self.classes):
+            class_folder = folder / name
+            if class_folder.is_dir():
+                samples += [Sample(p.relative_to(self.root).as_posix(), label) for p in list_images(class_folder)]
+        if not samples:
+            raise ValueError(f"split folder {str(folder)!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+        self.samples: List[Sample] = samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def path(self, position: int) -> Path:
+        return self.root / self.samples[position].path
+
+    def labels(self) -> np.ndarray:
+        return np.array([s.label for s in self.samples], dtype=np.int64)
+
+
+class ImageList:
+    """Unlabelled images (label -1) with the interface FPTDataset reads, for prediction."""
+
+    def __init__(self, root: Union[str, Path], paths: Sequence[Path]):
+        self.root = Path(root)
+        self.split = "predict"
+        self.samples = [Sample(Path(p).relative_to(self.root).as_posix(), -1) for p in paths]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def path(self, position: int) -> Path:
+        return self.root / self.samples[position].path
+
+
+# ------------------------------------------------------------------------------- transforms
+def resize(image: Tensor, size: Tuple[int, int]) -> Tensor:
+    """Bilinear antialiased resize of (C, H, W) or (B, C, H, W) to size (h, w)."""
+    if tuple(image.shape[-2:]) == tuple(size):
+        return image
+    batched = image if image.dim() == 4 else image[None]
+    out = F.interpolate(batched, size=tuple(size), mode="bilinear", align_corners=False, antialias=True)
+    return out if image.dim() == 4 else out[0]
+
+
+def _channel_tensor(values: Sequence[float], name: str) -> Tensor:
+    if len(values) != 3:
+        raise ValueError(f"{name} must have 3 (RGB) values, got {list(values)}")
+    return torch.tensor([float(v) for v in values], dtype=torch.float32).view(3, 1, 1)
+
+
+class FrozenTransform:
+    """Frozen-branch input: resize to size, normalise. (3, H, W) in [0, 1] -> (3, h, w) float32."""
+
+    def __init__(self, size: Tuple[int, int], mean: Sequence[float], std: Sequence[float]):
+        self.size = tuple(int(s) for s in size)
+        self.mean, self.std = _channel_tensor(mean, "mean"), _channel_tensor(std, "std")
+        if torch.any(self.std <= 0):
+            raise ValueError(f"std must be positive, got {self.std.flatten().tolist()}")
+
+    def __call__(self, image: Tensor) -> Tensor:
+        return (resize(image, self.size) - self.mean) / self.std
+
+    def description(self) -> dict:
+        """What determines this transform's output (part of the feature-store fingerprint)."""
+        return {"size": list(self.size), "resize": RESIZE_METHOD,
+                "mean": self.mean.flatten().tolist(), "std": self.std.flatten().tolist()}
+
+
+class SideTransform:
+    """Side-network input. train=True: random resized crop (area fraction crop_scale, aspect ratio
+    crop_ratio) to size, horizontal flip, colour jitter; train=False: resize. Then normalise.
+    (3, H, W) in [0, 1] -> (3, h, w) float32. Random draws use torch's global generator."""
+
+    def __init__(self, size: Tuple[int, int], mean: Sequence[float], std: Sequence[float], train: bool,
+                 hflip_prob: float = 0.5, brightness: float = 0.2, contrast: float = 0.2,
+                 saturation: float = 0.0, hue: float = 0.0, crop_scale: Sequence[float] = (0.8, 1.0),
+                 crop_ratio: Sequence[float] = (0.7, 1.3)):
+        self.size = tuple(int(s) for s in size)
+        self.mean, self.std = _channel_tensor(mean, "mean"), _channel_tensor(std, "std")
+        self.train = train
+        self.hflip_prob = hflip_prob
+        self.crop_scale, self.crop_ratio = tuple(crop_scale), tuple(crop_ratio)
+        if not (0 < self.crop_scale[0] <= self.crop_scale[1] and 0 < self.crop_ratio[0] <= self.crop_ratio[1]):
+            raise ValueError(f"data.crop_scale={list(crop_scale)} and data.crop_ratio={list(crop_ratio)} must "
+                             f"be increasing positive ranges")
+        self.jitter = None
+        if train and any(v > 0 for v in (brightness, contrast, saturation, hue)):
+            self.jitter = ColorJitter(brightness=brightness, contrast=contrast, saturation=saturation, hue=hue)
+
+    def __call__(self, image: Tensor) -> Tensor:
+        if not self.train:
+            return (resize(image, self.size) - self.mean) / self.std
+        # Crop first: flipping and jittering the small result is cheaper than the full image.
+        top, left, height, width = RandomResizedCrop.get_params(image, list(self.crop_scale), list(self.crop_ratio))
+        x = resize(image[:, top:top + height, left:left + width], self.size)
+        if torch.rand(()) < self.hflip_prob:
+            x = x.flip(-1)
+        if self.jitter is not None:
+            x = self.jitter(x)
+        return (x - self.mean) / self.std
+
+
+def side_transform(settings, size: Tuple[int, int], mean, std, train: bool) -> SideTransform:
+    """SideTransform from DataSettings' augmentation keys."""
+    return SideTransform(size, mean, std, train, hflip_prob=settings.hflip_prob, brightness=settings.brightness,
+                         contrast=settings.contrast, saturation=settings.saturation, hue=settings.hue,
+                         crop_scale=settings.crop_scale, crop_ratio=settings.crop_ratio)
+
+
+def sample_seed(seed: int, epoch: int, position: int) -> int:
+    """Seed of one sample's augmentation: distinct per (seed, epoch, position), 63-bit."""
+    return ((seed * 1_000_003 + epoch) * 2_147_483_647 + position) % (2 ** 63)
+
+
+# --------------------------------------------------------------------------------- datasets
+@dataclass
+class BadSample:
+    """Returned in place of an item whose image cannot be read (the collate function sorts it out)."""
+
+    position: int
+    path: str
+    reason: str
+
+
+class FPTDataset(Dataset):
+    """Items of one split for training or evaluation.
+
+    Each item is a dict: "position" (index in the split), "label", "side" (3, h, w) and, as asked,
+    "frozen" (3, H, W) (frozen-branch input) or "keys"/"values" (L, H, n, d) read from a feature
+    store (stored dtype). An unreadable image gives a BadSample instead.
+
+    Args:
+        split: the ImageFolderSplit.
+        side: SideTransform, or None when the side input is not needed.
+        frozen: FrozenTransform, or None.
+        store: a fpt_fast.app.store.StoreSplit with the split's features, or None.
+        positions: the sample positions this dataset serves (default: all).
+        seed: base seed of the augmentation.
+    """
+
+    def __init__(self, split: ImageFolderSplit, side: Optional[SideTransform], frozen: Optional[FrozenTransform] = None,
+                 store=None, positions: Optional[Sequence[int]] = None, seed: int = 0):
+        self.split = split
+        self.side = side
+        self.frozen = frozen
+        self.store = store
+        self.positions = list(range(len(split))) if positions is None else list(positions)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, index: int):
+        position = self.positions[index]
+        item: Dict[str, object] = {"position": position, "label": self.split.samples[position].label}
+        if self.side is not None or self.frozen is not None:
+            try:
+                image = load_image(self.split.path(position))
+            except BadImageError as e:
+                return BadSample(position, str(self.split.path(position)), str(e))
+            if self.frozen is not None:
+                item["frozen"] = self.frozen(image)
+            if self.side is not None:
+                if self.side.train:  # random: seeded per (seed, epoch, position)
+                    with torch.random.fork_rng(devices=[]):
+                        torch.manual_seed(sample_seed(self.seed, self.epoch, position))
+                        item["side"] = self.side(image)
+                else:
+                    item["side"] = self.side(image)
+        if self.store is not None:
+            item["keys"], item["values"] = self.store.read(position)
+        return item
+
+
+def collate(items: List) -> Dict[str, object]:
+    """Stacks the good items; "bad" lists the BadSamples. Tensors keep the item layout (B first)."""
+    good = [i for i in items if not isinstance(i, BadSample)]
+    batch: Dict[str, object] = {"bad": [i for i in items if isinstance(i, BadSample)]}
+    batch["position"] = torch.tensor([i["position"] for i in good], dtype=torch.long)
+    batch["label"] = torch.tensor([i["label"] for i in good], dtype=torch.long)
+    for key in ("side", "frozen", "keys", "values"):
+        if good and key in good[0]:
+            batch[key] = torch.stack([i[key] for i in good])
+    return batch
+
+
+class _PixelStatistics(Dataset):
+    """(position, per-image channel sums at the frozen input size), for computing mean/std."""
+
+    def __init__(self, split: ImageFolderSplit, size: Tuple[int, int]):
+        self.split, self.size = split, size
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, position: int):
+        try:
+            image = resize(load_image(self.split.path(position)), self.size).double()
+        except BadImageError as e:
+            return position, BadSample(position, str(self.split.path(position)), str(e))
+        return position, torch.stack([image.sum(dim=(1, 2)), (image * image).sum(dim=(1, 2))])
+
+
+def _as_list(items: List) -> List:
+    return items
+
+
+def compute_mean_std(split: ImageFolderSplit, size: Tuple[int, int], num_workers: int = 0,
+                     skip_bad_images: bool = False, group=None) -> Tuple[List[float], List[float], List[str]]:
+    """RGB mean and std of the split's pixels after resizing to size (the frozen input).
+
+    group: the processes of a torchrun run (fpt_fast.app.distributed.Group) or None. Each process
+    reads every world_size-th image; the per-image sums are gathered and added in position order
+    on every process, so all of them get the single-process result bit for bit.
+    Returns (mean, std, bad image messages). BadImageError on an unreadable image unless skipping.
+    """
+    rank, world_size = (group.rank, group.world_size) if group is not None else (0, 1)
+    loader = DataLoader(_PixelStatistics(split, size), batch_size=16, num_workers=num_workers,
+                        sampler=range(rank, len(split), world_size), collate_fn=_as_list)
+    sums = [item for items in loader for item in items]
+    if world_size > 1:
+        sums = sorted((item for part in group.all_gather_object(sums) for item in part), key=lambda item: item[0])
+    total = torch.zeros(2, 3, dtype=torch.float64)
+    count, bad = 0, []
+    for _, item in sums:
+        if isinstance(item, BadSample):
+            if not skip_bad_images:
+                raise BadImageError(item.reason)  # after the gather: every process stops alike
+            bad.append(item.reason)
+            continue
+        total += item
+        count += size[0] * size[1]
+    if count == 0:
+        raise ValueError(f"no readable image in {str(split.root / split.split)!r} to compute mean/std from")
+    mean = total[0] / count
+    std = (total[1] / count - mean * mean).clamp_min(0).sqrt()
+    return mean.tolist(), [max(float(s), 1e-6) for s in std.tolist()], bad
+
+
+class EpochBatches:
+    """The training batches of one process, epoch after epoch (a DataLoader batch_sampler).
+
+    Epoch e visits the dataset in the order of a permutation drawn from epoch_order_seed(seed, e),
+    cut into global batches of world_size * batch_size items. Process r gets the r-th of
+    world_size slices of each global batch: batch_size items, except in a shorter last global
+    batch, whose slices have ceil(size / world_size) items (the last processes may get fewer, or
+    none). So a step of K processes with batch b sees the samples of a step of one process with
+    batch K * b, and the number of steps is the same on every process.
+    """
+
+    def __init__(self, num_items: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        if batch_size < 1:
+            raise ValueError(f"batch size must be at least 1, got {batch_size}")
+        self.num_items, self.batch_size, self.seed = num_items, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.batch_size * self.world_size
+
+    def __len__(self) -> int:
+        return math.ceil(self.num_items / self.global_batch_size)
+
+    def __iter__(self) -> Iterator[List[int]]:
+        order = torch.randperm(self.num_items, generator=make_generator(epoch_order_seed(self.seed, self.epoch)))
+        order = order.tolist()
+        for start in range(0, self.num_items, self.global_batch_size):
+            chunk = order[start:start + self.global_batch_size]
+            share = math.ceil(len(chunk) / self.world_size)
+            yield chunk[self.rank * share:(self.rank + 1) * share]
+
+
+def make_generator(seed: int) -> torch.Generator:
+    """A CPU generator for a DataLoader's order and worker seeds, so the global RNG is left alone."""
+    return torch.Generator().manual_seed(int(seed) % (2 ** 63))
+
+
+def epoch_order_seed(seed: int, epoch: int) -> int:
+    """Seed of the shuffling order of one epoch."""
+    return (seed * 7_919 + epoch * 104_729 + 1) % (2 ** 63)

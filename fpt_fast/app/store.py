@@ -1,0 +1,685 @@
+"""The preloaded-feature store: K_sel / V_sel of every image, computed once by the frozen branch.
+
+Layout of a store folder:
+
+    manifest.json            format, fingerprint, feature shape (L, H, n, d), stored dtype, classes
+    <split>.index.json       samples (path, label), samples_per_shard, finished shards
+                             (file, first position, count, sha256, positions left out), complete
+    <split>-<k>.bin          raw records, one per sample in split order: (2, L, H, n, d) of the
+                             stored dtype (keys then values); bfloat16 is stored as its uint16 bits
+
+Records are fixed-size, so a sample is one contiguous block found by arithmetic; training reads
+shards through numpy memory maps (big sequential blocks, shared page cache across workers).
+Bytes per image: 2 * L * H * n * d * itemsize, against 2 * L * H * n * d * 4 (+ a file each) for
+the official per-image fp32 files.
+
+Every file is written to a temporary name and moved into place with os.replace, so a store never
+holds a half-written file. A shard is registered in the index only after its file is in place, so
+an interrupted preload resumes with the unfinished shards.
+
+Under torchrun (several processes) each process writes whole shards of its own and records them
+in its part file, ``<split>.part-<rank>.json``; once all are done, rank 0 folds the part files into
+the index in one atomic write. A resumed preload (with any number of processes) folds the part
+files of the interrupted one in first, so each shard is computed once.
+
+The fingerprint records everything that determines the features (backbone, hash of its weights,
+input size, extracted layers, token ratio, importance, compute and stored dtypes, the transform);
+opening a store with a different fingerprint is an error that names both sides.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+STORAGE = {  # stored dtype -> numpy dtype of the file's elements
+    "bfloat16": np.dtype("<u2"),
+    "float16": np.dtype("<f2"),
+    "float32": np.dtype("<f4"),
+}
+TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# Largest |stored - recomputed| / (|recomputed| + 1) that verify accepts, per stored dtype: a few
+# units in the last place (recomputation may batch differently).
+VERIFY_TOLERANCE = {"bfloat16": 3 * 2.0 ** -8, "float16": 3 * 2.0 ** -11, "float32": 1e-4}
+
+
+# --------------------------------------------------------------------------- atomic writes
+@contextlib.contextmanager
+def atomic_open(path: Union[str, Path]) -> Iterator[BinaryIO]:
+    """A binary file that appears at path only once it is completely written and synced: writes go
+    to a temporary file in the same folder, renamed into place with os.replace on success."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_bytes(path: Union[str, Path], data: bytes) -> None:
+    with atomic_open(path) as f:
+        f.write(data)
+
+
+def atomic_write_json(path: Union[str, Path], obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode("utf-8"))
+
+
+def read_json(path: Path) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{str(path)!r} is not valid JSON ({e}); the store is damaged") from None
+
+
+# ----------------------------------------------------------------------- dtype conversions
+def to_storage(t: Tensor, dtype: str) -> np.ndarray:
+    """t cast to the stored dtype, as the numpy array written to disk (bfloat16 -> uint16 bits)."""
+    cast = t.detach().to("cpu", TORCH_DTYPES[dtype]).contiguous()
+    if dtype == "bfloat16":
+        return cast.view(torch.int16).numpy().view(np.uint16)
+    return cast.numpy()
+
+
+def from_storage(array: np.ndarray, dtype: str, copy: bool = True) -> Tensor:
+    """The torch tensor (stored dtype) of an array read from disk. copy=True copies it out of a
+    memory map; copy=False shares the memory of an array the caller owns."""
+    array = np.array(array, copy=True) if copy else np.ascontiguousarray(array)
+    if dtype == "bfloat16":
+        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(array)
+
+
+# ---------------------------------------------------------------------------- fingerprints
+def weights_sha256(module: nn.Module) -> str:
+    """sha256 over the module's state_dict: names, dtypes, shapes and bytes, in sorted name order."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous().reshape(-1)
+        digest.update(f"{name}|{t.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(t.view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def fingerprint(model, transform_description: dict, stored_dtype: str, device: torch.device,
+                backbone_sha256: Optional[str] = None) -> dict:
+    """Everything that determines the stored features of ``model`` (an fpt_fast.FPT) on ``device``."""
+    config = model.config
+    compute = model.frozen.compute_dtype(torch.device(device))
+    compute_name = {v: k for k, v in TORCH_DTYPES.items()}[compute]
+    return {
+        "format": FORMAT_VERSION,
+        "backbone": config.backbone,
+        "backbone_kwargs": dict(config.backbone_kwargs),
+        "backbone_sha256": backbone_sha256 or weights_sha256(model.frozen.backbone),
+        "image_size": list(config.image_size),
+        "extracted_layers": list(config.layers),
+        "token_ratio": config.token_ratio,
+        "num_selected": config.num_selected,
+        "importance": config.importance,
+        "frozen_compute_dtype": compute_name,
+        "feature_dtype": config.feature_dtype or compute_name,
+        "stored_dtype": stored_dtype,
+        "transform": transform_description,
+    }
+
+
+def fingerprint_differences(store_fp: dict, run_fp: dict) -> List[str]:
+    keys = sorted(set(store_fp) | set(run_fp))
+    return [f"{k}: store has {store_fp.get(k, '<missing>')!r}, this run has {run_fp.get(k, '<missing>')!r}"
+            for k in keys if store_fp.get(k) != run_fp.get(k)]
+
+
+# ------------------------------------------------------------------------------- reading
+class StoreSplit:
+    """The features of one split. read(position) -> (keys, values), each (L, H, n, d) in the
+    stored dtype. Memory maps are opened lazily in each process (DataLoader workers included)."""
+
+    def __init__(self, root: Path, index: dict, feature_shape: Sequence[int], dtype: str):
+        self.root = Path(root)
+        self.index = index
+        self.name = index["split"]
+        self.feature_shape = tuple(feature_shape)
+        self.dtype = dtype
+        self.samples_per_shard = int(index["samples_per_shard"])
+        self.samples = [tuple(s) for s in index["samples"]]
+        self.shards = index["shards"]
+        self.left_out = sorted(p for shard in self.shards for p in shard["left_out"])
+        self._left_out_set = set(self.left_out)
+        self._maps: Dict[int, np.memmap] = {}
+        self._pid = os.getpid()
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_maps"] = {}  # a memory map is re-opened in the receiving process
+        return state
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def record_shape(self) -> Tuple[int, ...]:
+        return (2,) + self.feature_shape
+
+    def present_positions(self) -> List[int]:
+        """Positions whose features are stored (all but the images left out as unreadable)."""
+        return [p for p in range(len(self.samples)) if p not in self._left_out_set]
+
+    def _shard(self, k: int) -> np.memmap:
+        if os.getpid() != self._pid:
+            self._maps, self._pid = {}, os.getpid()
+        if k not in self._maps:
+            shard = self.shards[k]
+            self._maps[k] = np.memmap(self.root / shard["file"], dtype=STORAGE[self.dtype], mode="r",
+                                      shape=(shard["count"],) + self.record_shape)
+        return self._maps[k]
+
+    def read_record(self, position: int) -> np.ndarray:
+        """The raw (2, L, H, n, d) record of one sample (a view into the memory map)."""
+        if not 0 <= position < len(self.samples):
+            raise IndexError(f"position {position} is outside split {self.name!r} ({len(self.samples)} samples)")
+        if position in self._left_out_set:
+            raise ValueError(f"sample {self.samples[position][0]!r} of split {self.name!r} was left out of "
+                             f"the store (unreadable image)")
+        k, offset = divmod(position, self.samples_per_shard)
+        return self._shard(k)[offset]
+
+    def read(self, position: int) -> Tuple[Tensor, Tensor]:
+        record = from_storage(self.read_record(position), self.dtype)
+        return record[0], record[1]
+
+    def read_batch(self, positions: Sequence[int]) -> Tuple[Tensor, Tensor]:
+        """keys, values of several samples, each (L, B, H, n, d): the layout FPT.forward_from_features takes."""
+        records = from_storage(np.stack([self.read_record(p) for p in positions]), self.dtype, copy=False)
+        return records[:, 0].transpose(0, 1), records[:, 1].transpose(0, 1)
+
+
+class FeatureStore:
+    """An existing, readable store folder."""
+
+    def __init__(self, path: Union[str, Path]):
+        self.root = Path(path)
+        manifest_path = self.root / MANIFEST
+        if not manifest_path.is_file():
+            raise FileNotFoundError(f"feature store {str(self.root)!r} does not exist or has no {MANIFEST} "
+                                    f"(run `fpt-fast preload` first)")
+        self.manifest = read_json(manifest_path)
+        if self.manifest.get("format") != FORMAT_VERSION:
+            raise ValueError(f"feature store {str(self.root)!r} has format {self.manifest.get('format')!r}; "
+                             f"this version reads format {FORMAT_VERSION}")
+
+    @property
+    def fingerprint(self) -> dict:
+        return self.manifest["fingerprint"]
+
+    @property
+    def feature_shape(self) -> Tuple[int, ...]:
+        return tuple(self.manifest["feature_shape"])
+
+    @property
+    def dtype(self) -> str:
+        return self.fingerprint["stored_dtype"]
+
+    @property
+    def classes(self) -> List[str]:
+        return list(self.manifest["classes"])
+
+    def record_bytes(self) -> int:
+        return 2 * math.prod(self.feature_shape) * STORAGE[self.dtype].itemsize
+
+    def splits(self) -> List[str]:
+        return sorted(p.name[: -len(".index.json")] for p in self.root.glob("*.index.json"))
+
+    def check_fingerprint(self, run_fingerprint: dict) -> None:
+        """ValueError naming every differing key, with the store's and the run's values."""
+        differences = fingerprint_differences(self.fingerprint, run_fingerprint)
+        if differences:
+            raise ValueError(f"feature store {str(self.root)!r} was written for a different configuration "
+                             f"than this run's; preload again into a new store. Differences:\n  "
+                             + "\n  ".join(differences))
+
+    def split(self, name: str, samples: Optional[Sequence] = None) -> StoreSplit:
+        """The finished split ``name``. samples: the run's (path, label) list, which must match the store's."""
+        index_path = self.root / f"{name}.index.json"
+        if not index_path.is_file():
+            raise FileNotFoundError(f"feature store {str(self.root)!r} has no split {name!r} "
+                                    f"(it has {self.splits() or 'none'}); preload it first")
+        index = read_json(index_path)
+        if not index.get("complete"):
+            raise ValueError(f"split {name!r} of feature store {str(self.root)!r} is unfinished: run "
+                             f"`fpt-fast preload` again to finish it")
+        split = StoreSplit(self.root, index, self.feature_shape, self.dtype)
+        if samples is not None:
+            check_same_samples(name, split.samples, [tuple(s) for s in samples], str(self.root))
+        return split
+
+
+def check_same_samples(split: str, stored: Sequence[tuple], current: Sequence[tuple], where: str) -> None:
+    if list(stored) == list(current):
+        return
+    for i, (a, b) in enumerate(zip(stored, current)):
+        if a != b:
+            raise ValueError(f"split {split!r} changed since it was preloaded into {where!r}: sample {i} is "
+                             f"{b!r} now but {a!r} in the store; preload again into a new store")
+    raise ValueError(f"split {split!r} changed since it was preloaded into {where!r}: {len(current)} images "
+                     f"now, {len(stored)} in the store; preload again into a new store")
+
+
+# ------------------------------------------------------------------------------- writing
+@dataclass
+class SplitReport:
+    split: str
+    samples: int
+    shards_written: int
+    shards_reused: int
+    seconds: float
+    left_out: List[str] = field(default_factory=list)
+
+
+class StoreWriter:
+    """Creates or continues a store. One instance per preload run."""
+
+    def __init__(self, path: Union[str, Path], run_fingerprint: dict, feature_shape: Sequence[int],
+                 classes: Sequence[str], shard_mb: float):
+        self.root = Path(path)
+        self.fingerprint = run_fingerprint
+        self.feature_shape = tuple(int(s) for s in feature_shape)
+        self.dtype = run_fingerprint["stored_dtype"]
+        self.record_bytes = 2 * math.prod(self.feature_shape) * STORAGE[self.dtype].itemsize
+        if not shard_mb > 0:
+            raise ValueError(f"setting preload.shard_mb={shard_mb!r} must be positive")
+        self.samples_per_shard = max(1, int(shard_mb * 2 ** 20) // self.record_bytes)
+        self._parts: Dict[str, List[dict]] = {}  # split -> shards this process recorded in its part file
+        self.root.mkdir(parents=True, exist_ok=True)
+        manifest_path = self.root / MANIFEST
+        if manifest_path.exists():
+            store = FeatureStore(self.root)
+            store.check_fingerprint(run_fingerprint)
+            if store.classes != list(classes):
+                raise ValueError(f"feature store {str(self.root)!r} has classes {store.classes}, the data has "
+                                 f"{list(classes)}; preload into a new store")
+        else:
+            atomic_write_json(manifest_path, {"format": FORMAT_VERSION, "fingerprint": run_fingerprint,
+                                              "feature_shape": list(self.feature_shape),
+                                              "classes": list(classes)})
+
+    def index_path(self, split: str) -> Path:
+        return self.root / f"{split}.index.json"
+
+    def part_paths(self, split: str) -> List[Path]:
+        """The part files of a torchrun preload of split: the shards each process finished."""
+        return sorted(self.root.glob(f"{split}.part-*.json"))
+
+    def open_index(self, split: str, samples: Sequence[tuple]) -> dict:
+        """The split's index: the existing one (checked against samples), or a new one.
+
+        Its shards are those it lists plus those the processes of an interrupted torchrun preload
+        recorded in their part files, less any whose file is missing or has the wrong size. Part
+        files are folded into the index (index written, then the part files deleted), and
+        temporary files of killed writers removed: one process calls this while none writes."""
+        path = self.index_path(split)
+        samples = [list(s) for s in samples]
+        for tmp in self.root.glob(f".{split}-*.bin.tmp-*"):  # left by a killed process
+            tmp.unlink()
+        parts = self.part_paths(split)
+        if not path.exists():
+            for part in parts:  # written after an index that is gone: nothing to keep
+                part.unlink()
+            index = {"split": split, "samples": samples, "samples_per_shard": self.samples_per_shard,
+                     "shards": [], "complete": False}
+            atomic_write_json(path, index)
+            return index
+        index, parts, changed = self._folded(split, samples)
+        if parts:
+            if changed:
+                atomic_write_json(path, index)
+            for part in parts:  # after the index holds their shards: a crash in between loses nothing
+                part.unlink()
+        return index
+
+    def _folded(self, split: str, samples: Sequence[list]) -> Tuple[dict, List[Path], bool]:
+        """(the existing index with the intact shards it and the part files list, the part files,
+        whether that differs from the index on disk)."""
+        index = read_json(self.index_path(split))
+        check_same_samples(split, [tuple(s) for s in index["samples"]], [tuple(s) for s in samples], str(self.root))
+        parts = self.part_paths(split)
+        listed = list(index["shards"]) + [shard for part in parts for shard in read_json(part)["shards"]]
+        finished: Dict[int, dict] = {}
+        for shard in listed:
+            if self._intact(split, shard, index["samples_per_shard"], len(samples)):
+                finished.setdefault(shard["start"], shard)
+        shards = [finished[start] for start in sorted(finished)]
+        all_there = len(shards) == self.num_shards(len(samples), index["samples_per_shard"])
+        complete = bool(index.get("complete", False) and all_there)
+        changed = shards != index["shards"] or complete != index.get("complete", False)
+        index["shards"], index["complete"] = shards, complete
+        return index, parts, changed
+
+    def read_index(self, split: str, samples: Sequence[tuple]) -> dict:
+        """The split's index as it is (for the processes of a torchrun preload other than rank 0,
+        after rank 0 opened it)."""
+        index = read_json(self.index_path(split))
+        check_same_samples(split, [tuple(s) for s in index["samples"]], [tuple(s) for s in samples], str(self.root))
+        return index
+
+    def _intact(self, split: str, shard: dict, per_shard: int, num_samples: int) -> bool:
+        start = shard.get("start")
+        if not isinstance(start, int) or start % per_shard or not 0 <= start < num_samples:
+            return False
+        count = min(per_shard, num_samples - start)
+        file = self.root / shard["file"]
+        return (shard["file"] == f"{split}-{start // per_shard:05d}.bin" and shard["count"] == count
+                and file.is_file() and file.stat().st_size == count * self.record_bytes)
+
+    @staticmethod
+    def num_shards(num_samples: int, per_shard: int) -> int:
+        return math.ceil(num_samples / per_shard)
+
+    def commit_shard(self, index: dict, k: int, tmp: Path, count: int, sha256: str, left_out: List[int],
+                     part: Optional[int] = None) -> None:
+        """Moves a finished shard file into place, then records it: in the split's index, or, for
+        process ``part`` of a torchrun preload, in that process's part file (merged at the end)."""
+        split = index["split"]
+        name = f"{split}-{k:05d}.bin"
+        os.replace(tmp, self.root / name)
+        entry = {"file": name, "start": k * index["samples_per_shard"], "count": count, "sha256": sha256,
+                 "left_out": left_out}
+        index["shards"] = sorted(index["shards"] + [entry], key=lambda shard: shard["start"])
+        if part is None:
+            atomic_write_json(self.index_path(split), index)
+            return
+        mine = self._parts.setdefault(split, [])
+        mine.append(entry)
+        atomic_write_json(self.root / f"{split}.part-{part:05d}.json", {"split": split, "shards": mine})
+
+    def finish(self, index: dict) -> None:
+        index["complete"] = True
+        atomic_write_json(self.index_path(index["split"]), index)
+
+    def merge(self, split: str, samples: Sequence[tuple]) -> dict:
+        """Rank 0, after every process of a torchrun preload finished its shards: folds the part
+        files into the index and marks it complete (one atomic write), then deletes them."""
+        index, parts, _ = self._folded(split, [list(s) for s in samples])
+        per_shard = index["samples_per_shard"]
+        present = {shard["start"] // per_shard for shard in index["shards"]}
+        missing = [k for k in range(self.num_shards(len(samples), per_shard)) if k not in present]
+        if missing:
+            raise ValueError(f"feature store {str(self.root)!r}: shard(s) {missing} of split {split!r} are "
+                             f"missing after every process finished; on several nodes, data.store must be "
+                             f"a folder all nodes share")
+        self.finish(index)
+        for part in parts:
+            part.unlink()
+        return index
+
+
+def preload_split(model, writer: StoreWriter, split, transform, device: torch.device, batch_size: int,
+                  num_workers: int = 0, skip_bad_images: bool = False, progress: bool = False,
+                  group=None) -> SplitReport:
+    """Computes and stores the features of one ImageFolderSplit, continuing an interrupted run.
+
+    BadImageError on an unreadable image unless skip_bad_images (then its record is zeros, its
+    position is recorded as left out, and its message is in the report). Finished shards stay valid.
+
+    group: the processes of a torchrun preload (fpt_fast.app.distributed.Group), or None. The shards
+    still to write are dealt out round-robin; each process writes its own, records them in its
+    part file, and rank 0 merges the part files into the index once all are done. Every process
+    gets the report of the whole split.
+    """
+    from torch.utils.data import DataLoader
+
+    from .data import BadImageError, FPTDataset, collate
+    from .distributed import Group
+
+    group = group or Group()
+    start_time = time.perf_counter()
+    samples = [(s.path, s.label) for s in split.samples]
+    index = group.main_first(lambda: writer.open_index(split.split, samples) if group.is_main
+                             else writer.read_index(split.split, samples))
+    per_shard = index["samples_per_shard"]
+    total_shards = writer.num_shards(len(samples), per_shard)
+    done = {shard["start"] // per_shard for shard in index["shards"]}
+    todo = [k for k in range(total_shards) if k not in done]
+    mine = todo[group.rank::group.world_size]
+    part = group.rank if group.active else None
+    left_out: List[Tuple[int, str]] = []
+    error = None
+    if mine:
+        positions = [p for k in mine for p in range(k * per_shard, min((k + 1) * per_shard, len(samples)))]
+        dataset = FPTDataset(split, side=None, frozen=transform, positions=positions)
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                            collate_fn=collate, pin_memory=device.type == "cuda")
+        bar = _progress_bar(progress and group.is_main, len(positions), f"preload {split.split}")
+        shard = None
+        try:
+            for batch in loader:
+                records, bad = _batch_records(model, batch, device, writer)
+                for b in bad:
+                    if not skip_bad_images:
+                        raise BadImageError(b.reason)
+                    left_out.append((b.position, b.reason))
+                # Positions ascend within a process's shards, and each shard's are all there.
+                for position in sorted(records):
+                    k, offset = divmod(position, per_shard)
+                    if shard is None:
+                        shard = _ShardFile(writer.root, split.split, k, writer.record_bytes)
+                    shard.write(records[position], position)
+                    count = min(per_shard, len(samples) - k * per_shard)
+                    if offset == count - 1:
+                        shard.close()
+                        writer.commit_shard(index, k, shard.tmp, count, shard.digest.hexdigest(), shard.left_out,
+                                            part=part)
+                        shard = None
+                if bar is not None:
+                    bar.update(len(batch["label"]) + len(bad))
+        except (ValueError, TypeError, FileNotFoundError) as e:  # BadImageError is a ValueError
+            if not group.active:
+                raise
+            error = e  # raised below on every process, not left for the others to wait on
+        finally:
+            if shard is not None:
+                shard.discard()
+            if bar is not None:
+                bar.close()
+    elif not todo:
+        left_out = [(p, f"{samples[p][0]} (left out in an earlier run)")
+                    for shard in index["shards"] for p in shard["left_out"]]
+    seconds = time.perf_counter() - start_time
+    if not group.active:
+        writer.finish(index)
+        return SplitReport(split.split, len(samples), len(todo), len(done), seconds, [m for _, m in sorted(left_out)])
+    reports = group.all_gather_object((seconds, left_out, None if error is None else str(error)))
+    if error is not None:
+        raise error
+    failed = [(rank, message) for rank, (_, _, message) in enumerate(reports) if message is not None]
+    if failed:
+        raise ValueError(f"process {failed[0][0]} stopped: {failed[0][1]}")
+    group.broadcast_result(lambda: _merged(writer, split.split, samples))
+    left_out = sorted(item for _, items, _ in reports for item in items)
+    return SplitReport(split.split, len(samples), len(todo), len(done), max(r[0] for r in reports),
+                       [m for _, m in left_out])
+
+
+def _merged(writer: StoreWriter, split: str, samples: Sequence[tuple]) -> None:
+    writer.merge(split, samples)  # the index stays on rank 0: the others need only "done"
+
+
+def _batch_records(model, batch: dict, device: torch.device, writer: StoreWriter):
+    """{position: (2, L, H, n, d) storage array, or None for a bad image}, and the bad samples."""
+    records: Dict[int, Optional[np.ndarray]] = {b.position: None for b in batch["bad"]}
+    if len(batch["label"]):
+        keys, values = model.extract(batch["frozen"].to(device, non_blocking=True))
+        # (L, B, H, n, d) x 2 -> (B, 2, L, H, n, d) in the stored dtype
+        stacked = to_storage(torch.stack([keys, values]).permute(2, 0, 1, 3, 4, 5), writer.dtype)
+        for row, position in enumerate(batch["position"].tolist()):
+            records[position] = stacked[row]
+    return records, batch["bad"]
+
+
+class _ShardFile:
+    """A shard being written: a temporary file in the store folder, hashed as it is written."""
+
+    def __init__(self, root: Path, split: str, k: int, record_bytes: int):
+        self.tmp = root / f".{split}-{k:05d}.bin.tmp-{os.getpid()}"
+        self.file = open(self.tmp, "wb")
+        self.digest = hashlib.sha256()
+        self.left_out: List[int] = []
+        self.record_bytes = record_bytes
+
+    def write(self, record: Optional[np.ndarray], position: int) -> None:
+        """Appends a sample's record; None (an unreadable image) writes zeros and marks it left out."""
+        if record is None:
+            self.left_out.append(position)
+            data = bytes(self.record_bytes)
+        else:
+            data = memoryview(np.ascontiguousarray(record)).cast("B")
+        if len(data) != self.record_bytes:
+            raise ValueError(f"record of sample {position} has {len(data)} bytes, the store's records "
+                             f"{self.record_bytes}")
+        self.file.write(data)
+        self.digest.update(data)
+
+    def close(self) -> None:
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+
+    def discard(self) -> None:
+        self.file.close()
+        if self.tmp.exists():
+            self.tmp.unlink()
+
+
+def _progress_bar(enabled: bool, total: int, description: str):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=description, unit="img", dynamic_ncols=True)
+
+
+# ------------------------------------------------------------------------------- checking
+@dataclass
+class VerifyReport:
+    ok: bool
+    problems: List[str]
+    samples: int
+    bytes: int
+    recomputed: int = 0
+    max_recompute_error: float = 0.0
+
+
+def verify(path: Union[str, Path], model=None, transform=None, data_root=None, device="cpu",
+           recompute: int = 4, seed: int = 0) -> VerifyReport:
+    """Checks a store: every split finished, every shard present with the recorded size and sha256,
+    no NaN/inf. With model, transform and data_root, also recomputes ``recompute`` random samples
+    per split and compares them with the stored records (tolerance VERIFY_TOLERANCE)."""
+    from .data import load_image
+
+    store = FeatureStore(path)
+    problems: List[str] = []
+    total_samples, total_bytes = 0, 0
+    recomputed, max_error = 0, 0.0
+    record_bytes = store.record_bytes()
+    for name in store.splits():
+        index = read_json(store.root / f"{name}.index.json")
+        if not index.get("complete"):
+            problems.append(f"split {name!r} is unfinished ({len(index['shards'])} shards written)")
+            continue
+        expected_shards = StoreWriter.num_shards(len(index["samples"]), index["samples_per_shard"])
+        if len(index["shards"]) != expected_shards:
+            problems.append(f"split {name!r}: {len(index['shards'])} shards recorded, {expected_shards} expected")
+        for shard in index["shards"]:
+            file = store.root / shard["file"]
+            if not file.is_file():
+                problems.append(f"{shard['file']}: missing")
+                continue
+            size = file.stat().st_size
+            total_bytes += size
+            if size != shard["count"] * record_bytes:
+                problems.append(f"{shard['file']}: {size} bytes, expected {shard['count'] * record_bytes}")
+                continue
+            digest, finite = _hash_and_check(file, store.dtype)
+            if digest != shard["sha256"]:
+                problems.append(f"{shard['file']}: sha256 differs from the index (file damaged)")
+            if not finite:
+                problems.append(f"{shard['file']}: holds NaN or inf values")
+        total_samples += len(index["samples"])
+        if model is not None and recompute > 0 and not problems:
+            split = store.split(name)
+            candidates = split.present_positions()
+            chosen = sorted(random.Random(seed).sample(candidates, min(recompute, len(candidates))))
+            images = torch.stack([transform(load_image(Path(data_root) / split.samples[p][0])) for p in chosen])
+            keys, values = model.extract(images.to(device))
+            fresh = torch.stack([keys, values]).permute(2, 0, 1, 3, 4, 5).float().cpu()
+            stored = torch.stack([from_storage(split.read_record(p), store.dtype) for p in chosen]).float()
+            error = ((stored - fresh).abs() / (fresh.abs() + 1)).amax().item()
+            max_error = max(max_error, error)
+            recomputed += len(chosen)
+            if error > VERIFY_TOLERANCE[store.dtype]:
+                problems.append(f"split {name!r}: recomputed features differ from the stored ones (max relative "
+                                f"error {error:.3g} > {VERIFY_TOLERANCE[store.dtype]:.3g}): the images or the "
+                                f"backbone changed since preloading")
+    return VerifyReport(not problems, problems, total_samples, total_bytes, recomputed, max_error)
+
+
+def _hash_and_check(file: Path, dtype: str, chunk_bytes: int = 64 * 2 ** 20) -> Tuple[str, bool]:
+    digest = hashlib.sha256()
+    finite = True
+    element = STORAGE[dtype]
+    chunk_bytes -= chunk_bytes % element.itemsize
+    with open(file, "rb") as f:
+        while True:
+            data = f.read(chunk_bytes)
+            if not data:
+                break
+            digest.update(data)
+            values = np.frombuffer(data, dtype=element)
+            if dtype == "bfloat16":
+                finite &= not np.any((values & 0x7F80) == 0x7F80)  # exponent all ones: inf or NaN
+            else:
+                finite &= bool(np.isfinite(values).all())
+    return digest.hexdigest(), finite
+
+
+def drop_from_page_cache(split: StoreSplit) -> None:
+    """Asks the kernel to forget the split's cached shard pages (Linux), so reads come from the disk."""
+    for shard in split.shards:
+        with open(split.root / shard["file"], "rb") as f:
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+def measure_read_rate(split: StoreSplit, batch_size: int = 16, max_seconds: float = 5.0,
+                      seed: int = 0) -> Tuple[float, float]:
+    """(samples/s, MB/s) of reading random batches into torch tensors, as a training step does."""
+    positions = split.present_positions()
+    random.Random(seed).shuffle(positions)
+    record_bytes = 2 * math.prod(split.feature_shape) * STORAGE[split.dtype].itemsize
+    start = time.perf_counter()
+    done = 0
+    for i in range(0, len(positions), batch_size):
+        split.read_batch(positions[i:i + batch_size])
+        done += len(positions[i:i + batch_size])
+        if time.perf_counter() - start > max_seconds:
+            break
+    seconds = max(time.perf_counter() - start, 1e-9)
+    return done / seconds, done * record_bytes / seconds / 1e6

@@ -1,0 +1,280 @@
+"""FPTConfig: every setting that defines an FPT / FPT+ model, validated on construction.
+
+The presets follow the official configurations (FPT paper, MICCAI 2024; FPT+ paper, IEEE TNNLS
+2025); see ``FPTConfig.preset``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from dataclasses import dataclass, field
+from typing import Optional, Tuple, Union
+
+import torch
+
+Size = Union[int, Tuple[int, int]]
+
+IMPORTANCE_MODES = ("global", "class_token")
+ATTENTION_BACKENDS = ("auto", "sdpa", "xformers", "triton", "native", "math")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class BackboneInfo:
+    """What FPT needs to know of a timm ViT, read without loading weights."""
+
+    name: str
+    embed_dim: int
+    num_heads: int
+    depth: int
+    patch_size: Tuple[int, int]
+    num_prefix_tokens: int
+    has_class_token: bool
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+
+def backbone_info(name: str, backbone_kwargs: Optional[dict] = None) -> BackboneInfo:
+    """Builds the named timm model on the meta device (no memory, no weights) and reads its shape."""
+    return _backbone_info(name, tuple(sorted((backbone_kwargs or {}).items())))
+
+
+@functools.lru_cache(maxsize=64)
+def _backbone_info(name: str, kwargs: tuple) -> BackboneInfo:
+    import timm
+
+    if not timm.is_model(name):
+        raise ValueError(
+            f"FPTConfig.backbone: unknown timm model {name!r}; expected a VisionTransformer name "
+            f"such as 'vit_base_patch16_384' (see timm.list_models('vit_*'))"
+        )
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(name, pretrained=False, num_classes=0, **dict(kwargs))
+    except TypeError as e:
+        raise ValueError(f"FPTConfig.backbone_kwargs={dict(kwargs)!r} are not accepted by {name!r}: {e}") from e
+    missing = [a for a in ("patch_embed", "blocks", "embed_dim", "num_prefix_tokens") if not hasattr(model, a)]
+    if missing:
+        raise ValueError(
+            f"FPTConfig.backbone: {name!r} ({type(model).__name__}) is not a timm VisionTransformer; "
+            f"it lacks {missing}"
+        )
+    attn = model.blocks[0].attn
+    patch = model.patch_embed.patch_size
+    return BackboneInfo(
+        name=name,
+        embed_dim=int(model.embed_dim),
+        num_heads=int(attn.num_heads),
+        depth=len(model.blocks),
+        patch_size=(int(patch[0]), int(patch[1])),
+        num_prefix_tokens=int(model.num_prefix_tokens),
+        has_class_token=getattr(model, "cls_token", None) is not None,
+    )
+
+
+def _pair(size: Size) -> Tuple[int, int]:
+    if isinstance(size, int):
+        return (size, size)
+    return (int(size[0]), int(size[1]))
+
+
+PRESETS = {
+    # Spec section 5. extracted_layers=None resolves to all blocks (FPT) or the second half (FPT+).
+    "fpt": dict(num_prompts=16, side_reduction_ratio=8, prompt_reduction_ratio=8, prompt_norm=False,
+                prompt_proj=True, token_ratio=0.2, importance="global", side_input_size=224,
+                image_size=512, layer_selection="all"),
+    "fpt+": dict(num_prompts=16, side_reduction_ratio=8, prompt_reduction_ratio=1, prompt_norm=True,
+                 prompt_proj=False, token_ratio=0.2, importance="global", side_input_size=128,
+                 image_size=512, layer_selection="second_half"),
+}
+
+
+@dataclass
+class FPTConfig:
+    """Configuration of an FPT / FPT+ model.
+
+    Args:
+        backbone: timm VisionTransformer name of the frozen large pre-trained model.
+        backbone_kwargs: extra keyword arguments for timm.create_model (e.g. depth, reg_tokens).
+        num_classes: number of output classes.
+        image_size: input size of the frozen branch, int or (height, width); divisible by the patch.
+        side_input_size: input size of the side network, int or (height, width).
+        extracted_layers: block indices whose keys/values are selected; None = the preset's rule.
+        layer_selection: rule used when extracted_layers is None: "all" or "second_half".
+        num_prompts: prompts per extracted layer (P).
+        side_reduction_ratio: side width = backbone width / this.
+        prompt_reduction_ratio: prompt width = backbone width / this.
+        prompt_norm: LayerNorm on the prompts before the cross-attention.
+        prompt_proj: Linear(prompt width -> backbone width) on the prompts.
+        token_ratio: n = floor(N * token_ratio) tokens kept per (image, head, layer).
+        importance: "global" (mean attention over all queries) or "class_token".
+        dropout: dropout probability on the fused prompts.
+        pretrained: load timm's pretrained weights for the backbone (needs the model hub).
+        checkpoint_path: load the backbone's weights from this local file instead.
+        attention_backend: attention used inside the frozen blocks (see fpt_fast.backends()).
+        frozen_dtype: dtype the frozen branch computes in: None = bfloat16 on GPUs that support it,
+            float32 otherwise.
+        feature_dtype: dtype of the selected keys/values: None = the fusion's compute dtype.
+        frozen_chunk_size: split the frozen forward into micro-batches of this many images.
+        op_backend: backend for the fused ops (fpt_fast.ops): "auto", "triton", "torch", "reference".
+    """
+
+    backbone: str = "vit_base_patch16_384"
+    backbone_kwargs: dict = field(default_factory=dict)
+    num_classes: int = 2
+    image_size: Size = 512
+    side_input_size: Size = 224
+    extracted_layers: Optional[Tuple[int, ...]] = None
+    layer_selection: str = "all"
+    num_prompts: int = 16
+    side_reduction_ratio: int = 8
+    prompt_reduction_ratio: int = 8
+    prompt_norm: bool = False
+    prompt_proj: bool = True
+    token_ratio: float = 0.2
+    importance: str = "global"
+    dropout: float = 0.5
+    pretrained: bool = False
+    checkpoint_path: Optional[str] = None
+    attention_backend: str = "auto"
+    frozen_dtype: Optional[str] = None
+    feature_dtype: Optional[str] = None
+    frozen_chunk_size: Optional[int] = None
+    op_backend: str = "auto"
+    _info: BackboneInfo = field(init=False, repr=False, compare=False)
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "FPTConfig":
+        """The official configuration "fpt" or "fpt+" (docs/method.md, section 7), with overrides applied."""
+        key = name.lower()
+        if key not in PRESETS:
+            raise ValueError(f"FPTConfig.preset: unknown preset {name!r}; expected one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[key], **overrides})
+
+    def __post_init__(self):
+        if not isinstance(self.backbone_kwargs, dict):
+            raise ValueError(f"FPTConfig.backbone_kwargs={self.backbone_kwargs!r} is invalid: expected a dict")
+        self._info = backbone_info(self.backbone, self.backbone_kwargs)
+        self.image_size = _pair(self.image_size)
+        self.side_input_size = _pair(self.side_input_size)
+        if self.extracted_layers is not None:
+            self.extracted_layers = tuple(int(i) for i in self.extracted_layers)
+        self.validate()
+
+    # ---------------------------------------------------------------- derived quantities
+    @property
+    def info(self) -> BackboneInfo:
+        return self._info
+
+    @property
+    def layers(self) -> Tuple[int, ...]:
+        """Extracted block indices, sorted ascending."""
+        if self.extracted_layers is not None:
+            return tuple(sorted(self.extracted_layers))
+        depth = self._info.depth
+        return tuple(range(depth)) if self.layer_selection == "all" else tuple(range(depth // 2, depth))
+
+    @property
+    def num_tokens(self) -> int:
+        """N: prefix tokens + patches of the frozen branch's input."""
+        ph, pw = self._info.patch_size
+        return self._info.num_prefix_tokens + (self.image_size[0] // ph) * (self.image_size[1] // pw)
+
+    @property
+    def num_selected(self) -> int:
+        """n = floor(N * token_ratio)."""
+        return num_selected_tokens(self.num_tokens, self.token_ratio)
+
+    @property
+    def side_dim(self) -> int:
+        return self._info.embed_dim // self.side_reduction_ratio
+
+    @property
+    def prompt_dim(self) -> int:
+        return self._info.embed_dim // self.prompt_reduction_ratio
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+        d["backbone_kwargs"] = dict(self.backbone_kwargs)
+        d["image_size"] = list(self.image_size)
+        d["side_input_size"] = list(self.side_input_size)
+        if d["extracted_layers"] is not None:
+            d["extracted_layers"] = list(d["extracted_layers"])
+        return d
+
+    # ---------------------------------------------------------------- validation
+    def validate(self) -> None:
+        info = self._info
+        D, H = info.embed_dim, info.num_heads
+
+        def bad(name, value, expected):
+            raise ValueError(f"FPTConfig.{name}={value!r} is invalid: expected {expected}")
+
+        if not isinstance(self.num_classes, int) or self.num_classes < 1:
+            bad("num_classes", self.num_classes, "a positive integer")
+        if self.layer_selection not in ("all", "second_half"):
+            bad("layer_selection", self.layer_selection, "'all' or 'second_half'")
+        for name in ("image_size", "side_input_size"):
+            h, w = getattr(self, name)
+            ph, pw = info.patch_size
+            if h < 1 or w < 1 or h % ph or w % pw:
+                bad(name, (h, w), f"positive sizes divisible by the backbone's patch size {info.patch_size}")
+        layers = self.layers
+        if not layers:
+            bad("extracted_layers", self.extracted_layers, "at least one block index")
+        if len(set(layers)) != len(layers):
+            bad("extracted_layers", self.extracted_layers, "distinct block indices")
+        for i in layers:
+            if not 0 <= i < info.depth:
+                bad("extracted_layers", self.extracted_layers,
+                    f"block indices in [0, {info.depth - 1}] ({info.name} has {info.depth} blocks)")
+        if not isinstance(self.num_prompts, int) or self.num_prompts < 1:
+            bad("num_prompts", self.num_prompts, "a positive integer")
+        for name in ("side_reduction_ratio", "prompt_reduction_ratio"):
+            r = getattr(self, name)
+            if not isinstance(r, int) or r < 1 or D % r:
+                bad(name, r, f"a positive integer dividing the backbone width {D}")
+        if self.side_dim % H:
+            bad("side_reduction_ratio", self.side_reduction_ratio,
+                f"a ratio giving a side width ({self.side_dim}) divisible by the {H} heads")
+        if not (isinstance(self.token_ratio, (int, float)) and 0.0 < self.token_ratio <= 1.0):
+            bad("token_ratio", self.token_ratio, "a number in (0, 1]")
+        if self.num_selected < 1:
+            bad("token_ratio", self.token_ratio,
+                f"a ratio keeping n >= 1 of the N={self.num_tokens} tokens (n = floor(N * token_ratio) "
+                f"= {self.num_selected})")
+        if self.importance not in IMPORTANCE_MODES:
+            bad("importance", self.importance, f"one of {IMPORTANCE_MODES}")
+        if self.importance == "class_token" and not info.has_class_token:
+            bad("importance", self.importance, f"'global': {info.name} has no class token")
+        if self.prompt_dim != D and not self.prompt_proj:
+            bad("prompt_reduction_ratio", self.prompt_reduction_ratio,
+                f"1 (prompt width = backbone width {D}) unless prompt_proj=True "
+                f"(prompt width {self.prompt_dim} cannot query keys of width {D})")
+        if self.prompt_dim not in (D, self.side_dim):
+            bad("prompt_reduction_ratio", self.prompt_reduction_ratio,
+                f"a ratio giving a prompt width equal to the backbone width {D} or the side width "
+                f"{self.side_dim} (got {self.prompt_dim})")
+        if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
+            bad("dropout", self.dropout, "a probability in [0, 1)")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            bad("attention_backend", self.attention_backend, f"one of {ATTENTION_BACKENDS}")
+        for name in ("frozen_dtype", "feature_dtype"):
+            v = getattr(self, name)
+            if v is not None and v not in DTYPES:
+                bad(name, v, f"None or one of {tuple(DTYPES)}")
+        if self.frozen_chunk_size is not None and (not isinstance(self.frozen_chunk_size, int)
+                                                   or self.frozen_chunk_size < 1):
+            bad("frozen_chunk_size", self.frozen_chunk_size, "None or a positive integer")
+        from ..ops import BACKENDS
+
+        if self.op_backend not in ("auto",) + BACKENDS:
+            bad("op_backend", self.op_backend, f"one of {('auto',) + BACKENDS}")
+
+
+def num_selected_tokens(num_tokens: int, token_ratio: float) -> int:
+    """n = floor(N * token_ratio), robust to float rounding (0.2 * 1025 must give 205, not 204)."""
+    return int(math.floor(num_tokens * token_ratio + 1e-9))

@@ -1,0 +1,179 @@
+"""The frozen branch: a timm ViT read at high resolution, stopped after the last extracted block,
+returning the selected keys and values of every extracted block (docs/method.md, section 2).
+
+The blocks are timm's own modules. Non-extracted blocks run unchanged (timm's fused attention).
+Extracted blocks are run through the same submodules (norm1, attn.qkv, q_norm/k_norm, attn.proj,
+ls1, drop_path1, norm2, mlp, ls2, drop_path2), with the attention core replaced by
+fpt_fast.ops.attention_with_importance, so the block output is the block's own and the LSE of its
+attention is reused for the importance scores.
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import List, NamedTuple, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .. import ops
+from .config import DTYPES, FPTConfig, num_selected_tokens
+
+BLOCK_PARTS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
+ATTENTION_PARTS = ("qkv", "num_heads", "head_dim", "q_norm", "k_norm", "proj", "proj_drop")
+
+
+class FrozenFeatures(NamedTuple):
+    """Selected keys and values of the extracted layers, each (L, B, H, n, d)."""
+
+    keys: Tensor
+    values: Tensor
+
+
+def create_backbone(config: FPTConfig) -> nn.Module:
+    """The timm model named by config.backbone, with position embeddings resampled to
+    config.image_size (and to any other input size at run time: dynamic_img_size)."""
+    import timm
+
+    kwargs = dict(config.backbone_kwargs, num_classes=0, img_size=config.image_size, dynamic_img_size=True)
+    if config.checkpoint_path is not None:
+        # timm's pretrained loader reads the local file and adapts it (position-embedding resampling).
+        return timm.create_model(config.backbone, pretrained=True,
+                                 pretrained_cfg_overlay=dict(file=str(config.checkpoint_path)), **kwargs)
+    return timm.create_model(config.backbone, pretrained=config.pretrained, **kwargs)
+
+
+def check_architecture(backbone: nn.Module, layers) -> None:
+    """Raises a ValueError naming what an extracted block lacks for FPT to read its keys."""
+    for i in layers:
+        block = backbone.blocks[i]
+        missing = [p for p in BLOCK_PARTS if not hasattr(block, p)]
+        attn = getattr(block, "attn", None)
+        if attn is not None:
+            missing += [f"attn.{p}" for p in ATTENTION_PARTS if not hasattr(attn, p)]
+        if missing:
+            raise ValueError(f"unsupported architecture: block {i} ({type(block).__name__}) of "
+                             f"{type(backbone).__name__} lacks {missing}; fpt_fast supports timm "
+                             f"VisionTransformer-style blocks with a fused qkv projection")
+
+
+# What each attention_backend runs: (fpt_fast.ops backend of the extracted blocks, whether the other
+# blocks use timm's fused scaled_dot_product_attention rather than its eager N x N path).
+_PLAN = {"triton": ("triton", True), "native": ("native", True), "sdpa": ("torch", True),
+         "math": ("reference", False)}
+AUTO_PRIORITY = {"cuda": ("triton", "sdpa"), "cpu": ("native", "sdpa")}
+
+
+def attention_backends(device, dtype: torch.dtype = torch.float32, head_dim: int = 64) -> dict:
+    """{attention_backend: None if usable on this device/dtype, else why not}."""
+    device = torch.device(device)
+    return {
+        "triton": ops.unsupported_reason("triton", "attention_with_importance", device, dtype, head_dim),
+        "native": ops.unsupported_reason("native", "attention_with_importance", device, dtype, head_dim),
+        "sdpa": None,
+        "math": None,
+        "xformers": "not implemented: no xformers build was available to test it against; "
+                    "'sdpa' and 'triton' cover the same memory-efficient attention",
+    }
+
+
+def resolve_attention_backend(name: str, device, dtype: torch.dtype = torch.float32, head_dim: int = 64) -> str:
+    """The concrete backend for config.attention_backend on this device ("auto": the first usable one
+    of AUTO_PRIORITY). "math" materialises N x N."""
+    device = torch.device(device)
+    reasons = attention_backends(device, dtype, head_dim)
+    if name == "auto":
+        return next((b for b in AUTO_PRIORITY.get(device.type, ("sdpa",)) if reasons[b] is None), "sdpa")
+    if reasons.get(name) is not None:
+        raise ValueError(f"attention_backend={name!r} cannot run on {device.type} {dtype}: {reasons[name]}")
+    return name
+
+
+class FrozenBranch(nn.Module):
+    """The frozen large pre-trained model. Always in eval mode, never trainable, never recorded by
+    autograd. ``forward(images)`` (B, 3, h, w) -> FrozenFeatures, each (L, B, H, n, d)."""
+
+    def __init__(self, config: FPTConfig):
+        super().__init__()
+        self.config = config
+        self.layers: List[int] = list(config.layers)
+        backbone = create_backbone(config)
+        check_architecture(backbone, self.layers)
+        # Early exit: blocks after the last extracted one, the final norm and the head are dropped.
+        backbone.prune_intermediate_layers(self.layers, prune_norm=True, prune_head=True)
+        backbone.requires_grad_(False)
+        self.backbone = backbone.eval()
+        # Non-extracted blocks run timm's own attention: fused SDPA, or eager N x N for "math".
+        for block in backbone.blocks:
+            block.attn.fused_attn = _PLAN.get(config.attention_backend, ("", True))[1]
+        if config.attention_backend == "math":
+            warnings.warn("attention_backend='math' materialises the N x N attention of every block",
+                          stacklevel=2)
+
+    def train(self, mode: bool = True):
+        return super().train(False)
+
+    def compute_dtype(self, device: torch.device) -> torch.dtype:
+        if self.config.frozen_dtype is not None:
+            return DTYPES[self.config.frozen_dtype]
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> FrozenFeatures:
+        if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[0] == 0:
+            raise ValueError(f"images must be a non-empty (B, C, h, w) tensor, got "
+                             f"{getattr(images, 'shape', type(images).__name__)}")
+        chunk = self.config.frozen_chunk_size or images.shape[0]
+        parts = [self._extract(images[i:i + chunk]) for i in range(0, images.shape[0], chunk)]
+        if len(parts) == 1:
+            return parts[0]
+        return FrozenFeatures(torch.cat([p.keys for p in parts], dim=1),
+                              torch.cat([p.values for p in parts], dim=1))
+
+    def _extract(self, images: Tensor) -> FrozenFeatures:
+        device = images.device
+        dtype = self.compute_dtype(device)
+        attention = resolve_attention_backend(self.config.attention_backend, device, dtype,
+                                              self.config.info.head_dim)
+        backend = _PLAN[attention][0]
+        feature_dtype = DTYPES[self.config.feature_dtype] if self.config.feature_dtype else dtype
+        autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32
+                    else contextlib.nullcontext())
+        bb = self.backbone
+        keys, values = [], []
+        with autocast:
+            x = bb.norm_pre(bb.patch_drop(bb._pos_embed(bb.patch_embed(images))))
+            last = self.layers[-1]
+            for i, block in enumerate(bb.blocks[:last + 1]):
+                if i in self.layers:
+                    x, k_sel, v_sel = self._extracted_block(block, x, backend, feature_dtype)
+                    keys.append(k_sel)
+                    values.append(v_sel)
+                else:
+                    x = block(x)
+        return FrozenFeatures(torch.stack(keys), torch.stack(values))
+
+    def _extracted_block(self, block: nn.Module, x: Tensor, backend: str,
+                         feature_dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor]:
+        attn = block.attn
+        B, N, _ = x.shape
+        h = block.norm1(x)
+        qkv = attn.qkv(h).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        # Under autocast the q/k norms return float32 while v stays in the autocast dtype.
+        q, k = q.to(v.dtype), k.to(v.dtype)
+        out, scores = ops.attention_with_importance(q, k, v, self.config.importance, backend=backend)
+        n = num_selected_tokens(N, self.config.token_ratio)
+        k_sel, v_sel = ops.select_tokens(scores, k, v, n, feature_dtype, backend=backend)
+        a = out.transpose(1, 2).reshape(B, N, -1)
+        if getattr(attn, "norm", None) is not None:
+            a = attn.norm(a)
+        if getattr(attn, "gate", None) is not None:
+            a = a * attn.gate(h).sigmoid()
+        x = x + block.drop_path1(block.ls1(attn.proj_drop(attn.proj(a))))
+        x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+        return x, k_sel, v_sel
+

@@ -1,0 +1,129 @@
+"""Reference twins of the model pieces: the frozen branch through timm's own eager forward (with
+hooks), the fusion module and the side network written out, on the parameters of an fpt_fast.FPT, so
+that fast and reference can be compared on identical weights. The method is docs/method.md."""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..ops.reference import prompt_attention, select_tokens, token_importance
+
+
+def extract_features(backbone, images: Tensor, layers: Sequence[int], n: int,
+                     mode: str = "global") -> Tuple[Tensor, Tensor]:
+    """Selected keys and values of a frozen timm ViT, from timm's own eager forward.
+
+    Forward hooks on each extracted block's attention capture q and k (after q_norm / k_norm) and
+    v (from the qkv projection); the block itself runs unchanged with materialised attention.
+    images: (B, 3, h, w). Returns keys, values: (L, B, H, n, d).
+    """
+    captured = {}
+    handles = []
+    fused = []
+    for i in layers:
+        attn = backbone.blocks[i].attn
+        fused.append(attn.fused_attn)
+        attn.fused_attn = False
+
+        def save(name, i=i):
+            def hook(module, inputs, output):
+                captured[(i, name)] = output
+            return hook
+
+        handles += [attn.q_norm.register_forward_hook(save("q")),
+                    attn.k_norm.register_forward_hook(save("k")),
+                    attn.qkv.register_forward_hook(save("qkv"))]
+    try:
+        with torch.no_grad():
+            backbone.forward_intermediates(images, indices=list(layers), stop_early=True,
+                                           intermediates_only=True)
+    finally:
+        for h in handles:
+            h.remove()
+        for i, f in zip(layers, fused):
+            backbone.blocks[i].attn.fused_attn = f
+
+    keys, values = [], []
+    for i in layers:
+        q, k = captured[(i, "q")], captured[(i, "k")]
+        B, H, N, d = k.shape
+        v = captured[(i, "qkv")].reshape(B, N, 3, H, d)[:, :, 2].transpose(1, 2)
+        scores = token_importance(q, k, mode)
+        k_sel, v_sel = select_tokens(scores, k, v, n)
+        keys.append(k_sel)
+        values.append(v_sel)
+    return torch.stack(keys), torch.stack(values)
+
+
+# ------------------------------------------------------------------------- fusion and side
+def fusion_forward(fusion, keys: Tensor, values: Tensor) -> Tensor:
+    """The fine-grained fusion module (docs/method.md, section 4) with an eager cross-attention.
+
+    fusion: an fpt_fast.FineGrainedFusion (its parameters are used). keys, values: (L, B, H, n, d).
+    Returns (L, B, P, out_dim).
+    """
+    E = fusion.prompts                                               # (L, P, dp)
+    L, P, dp = E.shape
+    q = fusion.layer_norm(E) if fusion.layer_norm is not None else E
+    q = fusion.prompt_proj(q) if fusion.prompt_proj is not None else q  # (L, P, D)
+    H = keys.shape[2]
+    d = q.shape[-1] // H
+    q = q.reshape(L, P, H, d).transpose(1, 2)                         # (L, H, P, d)
+    c = prompt_attention(q, keys.to(q.dtype), values.to(q.dtype))     # (L, B, P, D)
+    if dp == c.shape[-1]:
+        fused = fusion.out_proj(c + E[:, None])
+    else:
+        fused = fusion.out_proj(c) + E[:, None]
+    return F.dropout(fused, fusion.p_dropout, fusion.training)
+
+
+def _side_block(block, x: Tensor) -> Tensor:
+    """A pre-norm ViT block written out: x + attn(norm1(x)); x + mlp(norm2(x))."""
+    attn = block.attn
+    B, T, C = x.shape
+    H = attn.num_heads
+    h = block.norm1(x)
+    qkv = F.linear(h, attn.qkv.weight, attn.qkv.bias).reshape(B, T, 3, H, C // H).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    probs = (q @ k.transpose(-1, -2) * (C // H) ** -0.5).softmax(dim=-1)
+    a = (probs @ v).transpose(1, 2).reshape(B, T, C)
+    x = x + F.linear(a, attn.proj.weight, attn.proj.bias)
+    mlp = block.mlp
+    h = F.gelu(F.linear(block.norm2(x), mlp.fc1.weight, mlp.fc1.bias))
+    return x + F.linear(h, mlp.fc2.weight, mlp.fc2.bias)
+
+
+def side_forward(side, x_lo: Tensor, prompts: Tensor) -> Tensor:
+    """The side network (docs/method.md, section 5): prompts appended after the image tokens, dropped after
+    each block. side: an fpt_fast.SideViT. x_lo: (B, 3, h, w); prompts: (L, B, P, Ds). Returns logits."""
+    from timm.layers import resample_abs_pos_embed
+
+    x = side.patch_embed(x_lo)                                       # (B, gh, gw, Ds) or (B, T, Ds)
+    if x.dim() == 4:
+        B, gh, gw, C = x.shape
+        x = x.reshape(B, gh * gw, C)
+    else:
+        B, _, C = x.shape
+        gh, gw = x_lo.shape[-2] // side.patch_embed.patch_size[0], x_lo.shape[-1] // side.patch_embed.patch_size[1]
+    pos = resample_abs_pos_embed(side.pos_embed, (gh, gw), old_size=side.patch_embed.grid_size,
+                                 num_prefix_tokens=1)
+    x = torch.cat([side.cls_token.expand(B, -1, -1), x], dim=1) + pos
+    P = prompts.shape[2]
+    for block, p in zip(side.blocks, prompts):
+        x = _side_block(block, torch.cat([x, p], dim=1))[:, :-P]
+    x = side.norm(x)
+    return side.head(x[:, 0])
+
+
+def fpt_forward(model, x_hi: Tensor, x_lo: Optional[Tensor] = None) -> Tensor:
+    """The whole FPT forward with reference parts, on an fpt_fast.FPT's weights. Returns logits."""
+    from .fpt import resize_for_side
+
+    cfg = model.config
+    if x_lo is None:
+        x_lo = resize_for_side(x_hi, cfg.side_input_size)
+    keys, values = extract_features(model.frozen.backbone, x_hi, cfg.layers, cfg.num_selected, cfg.importance)
+    return side_forward(model.side, x_lo, fusion_forward(model.fusion, keys, values))

@@ -1,0 +1,84 @@
+"""The "torch" backend: memory-efficient pure PyTorch (query-chunked, never N x N)."""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# Query rows per chunk of the "torch" backend are chosen so that one chunk's logits stay under this.
+TORCH_CHUNK_BYTES = 64 * 2**20
+
+
+def chunk_rows(q: Tensor, num_keys: int) -> int:
+    B, H = q.shape[0], q.shape[1]
+    return max(1, TORCH_CHUNK_BYTES // (B * H * num_keys * 4))
+
+
+def class_token_scores(q: Tensor, k: Tensor) -> Tensor:
+    """softmax_j(q_0 . k_j / sqrt(d)): a matrix-vector product per (b, h); reads only q[..., 0, :]."""
+    logits = torch.einsum("bhd,bhnd->bhn", q[:, :, 0].float(), k.float()) * q.shape[-1] ** -0.5
+    return logits.softmax(dim=-1)
+
+
+def attention_importance(q: Tensor, k: Tensor, v: Optional[Tensor], mode: str,
+                                lse: Optional[Tensor]) -> Tuple[Optional[Tensor], Tensor]:
+    """Query-chunked attention: one pass computes each chunk's logits against all keys, its row
+    LSE, its output rows and its contribution to the column sums. Peak extra memory is one chunk of
+    logits (TORCH_CHUNK_BYTES), never N x N. Deterministic: the chunks are summed in order."""
+    B, H, N, d = q.shape
+    scale = d ** -0.5
+    kt = k.float().transpose(-1, -2)
+    vf = v.float() if v is not None else None
+    out = torch.empty_like(q) if v is not None else None
+    global_mode = mode == "global"
+    scores = torch.zeros(B, H, N, device=q.device, dtype=torch.float32) if global_mode else None
+    if not global_mode and v is None:
+        return None, class_token_scores(q, k)
+    rows = chunk_rows(q, N)
+    for start in range(0, N, rows):
+        stop = min(N, start + rows)
+        logits = torch.matmul(q[:, :, start:stop].float(), kt).mul_(scale)
+        row_lse = logits.logsumexp(dim=-1, keepdim=True) if lse is None else lse[:, :, start:stop, None].float()
+        probs = logits.sub_(row_lse).exp_()
+        if global_mode:
+            scores += probs.sum(dim=2)
+        if v is not None:
+            out[:, :, start:stop] = torch.matmul(probs, vf).to(q.dtype)
+    if global_mode:
+        scores /= N
+    else:
+        scores = class_token_scores(q, k)
+    return out, scores
+
+
+def select_tokens(scores: Tensor, k: Tensor, v: Tensor, n: int,
+                         out_dtype: Optional[torch.dtype]) -> Tuple[Tensor, Tensor]:
+    """Threshold = the n-th largest score (topk values are exact whatever the tie order); keep all
+    scores above it and the lowest-index ties at it; emit the kept tokens in ascending index."""
+    N = scores.shape[-1]
+    # NaN ranks above +inf, as in the reference's sort and the Triton kernel: in float64, +-inf become
+    # +-max and NaN becomes +inf, an order-preserving map of every fp32/fp16/bf16 score.
+    scores = scores.double().nan_to_num(nan=float("inf"))
+    threshold = scores.topk(n, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
+    above = scores > threshold
+    tied = scores == threshold
+    missing = n - above.sum(dim=-1, keepdim=True)
+    keep = above | (tied & (tied.cumsum(dim=-1) <= missing))
+    # Kept token j gets key N - j (distinct, > 0), dropped ones 0: the top n keys are exactly the kept
+    # tokens, and topk's descending order lists them by ascending index.
+    key = keep * torch.arange(N, 0, -1, device=scores.device)
+    index = key.topk(n, dim=-1, sorted=True).indices
+    index = index[..., None].expand(*index.shape, k.shape[-1])
+    dtype = out_dtype or k.dtype
+    return k.gather(2, index).to(dtype), v.gather(2, index).to(dtype)
+
+
+def prompt_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    L, B, H, n, d = k.shape
+    if q.dim() == 4:
+        q = q[:, None].expand(L, B, *q.shape[1:])
+    out = F.scaled_dot_product_attention(q, k, v)                 # (L, B, H, P, d)
+    return out.permute(0, 1, 3, 2, 4).reshape(L, B, q.shape[3], H * d)
+

@@ -1,0 +1,104 @@
+"""The "triton" backend: the kernels of fpt_fast.kernels registered as torch custom ops, with fake
+implementations (so torch.compile traces them) and autograd for prompt attention."""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .torch_backend import class_token_scores
+
+
+@torch.library.custom_op("fpt_fast::attention_importance", mutates_args=())
+def attention_importance(q: Tensor, k: Tensor, v: Tensor, class_token: bool) -> Tuple[Tensor, Tensor]:
+    from ..kernels import token_importance as kernel
+
+    out, lse = kernel.attention_forward(q, k, v)
+    scores = class_token_scores(q, k) if class_token else kernel.token_importance_forward(q, k, lse)
+    return out, scores
+
+
+@attention_importance.register_fake
+def _(q, k, v, class_token):
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("fpt_fast::token_importance", mutates_args=())
+def token_importance(q: Tensor, k: Tensor, lse: Optional[Tensor]) -> Tensor:
+    from ..kernels import token_importance as kernel
+
+    if lse is None:
+        lse = kernel.attention_forward(q, k, None)[1]
+    return kernel.token_importance_forward(q, k, lse)
+
+
+@token_importance.register_fake
+def _(q, k, lse):
+    return q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("fpt_fast::select_tokens", mutates_args=())
+def select_tokens(scores: Tensor, k: Tensor, v: Tensor, n: int,
+                          out_dtype: Optional[torch.dtype]) -> Tuple[Tensor, Tensor]:
+    from ..kernels import select_tokens as kernel
+
+    return kernel.select_tokens_forward(scores, k, v, n, out_dtype or k.dtype)
+
+
+@select_tokens.register_fake
+def _(scores, k, v, n, out_dtype):
+    shape = (*k.shape[:2], n, k.shape[-1])
+    dtype = out_dtype or k.dtype
+    return k.new_empty(shape, dtype=dtype), v.new_empty(shape, dtype=dtype)
+
+
+@torch.library.custom_op("fpt_fast::prompt_attention", mutates_args=())
+def prompt_attention(q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
+    from ..kernels import prompt_attention as kernel
+
+    return kernel.prompt_attention_forward(q, k, v)
+
+
+@prompt_attention.register_fake
+def _(q, k, v):
+    L, B, H, n, d = k.shape
+    P = q.shape[-2]
+    return q.new_empty((L, B, P, H * d)), q.new_empty((L, B, H, P), dtype=torch.float32)
+
+
+@torch.library.custom_op("fpt_fast::prompt_attention_backward", mutates_args=())
+def prompt_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
+                                      lse: Tensor, need_kv_grad: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    from ..kernels import prompt_attention as kernel
+
+    dq, dk, dv = kernel.prompt_attention_backward(grad_out, q, k, v, out, lse, need_kv_grad)
+    if not need_kv_grad:  # custom ops cannot return None: empty placeholders, mapped back below
+        dk, dv = k.new_empty(0), v.new_empty(0)
+    return dq, dk, dv
+
+
+@prompt_attention_backward.register_fake
+def _(grad_out, q, k, v, out, lse, need_kv_grad):
+    if need_kv_grad:
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return torch.empty_like(q), k.new_empty(0), v.new_empty(0)
+
+
+def _prompt_attention_setup(ctx, inputs, output):
+    q, k, v = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.need_kv_grad = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+
+
+def _prompt_attention_grad(ctx, grad_out, grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = prompt_attention_backward(grad_out, q, k, v, out, lse, ctx.need_kv_grad)
+    if not ctx.need_kv_grad:
+        dk = dv = None
+    return dq, dk, dv
+
+
+prompt_attention.register_autograd(_prompt_attention_grad, setup_context=_prompt_attention_setup)
+

@@ -1,0 +1,123 @@
+"""The fpt-fast command line end to end on a tiny generated data set."""
+import csv
+import json
+import subprocess
+import sys
+from importlib.metadata import entry_points
+
+import pytest
+import yaml
+
+from fpt_fast.app import demo
+from fpt_fast.app.cli import main
+from tiny_run import make_data, tiny_overrides
+
+
+def sets(overrides):
+    return [arg for value in overrides for arg in ("--set", value)]
+
+
+@pytest.fixture
+def run(tmp_path):
+    """(config path, root): a YAML file with the tiny settings."""
+    root = make_data(tmp_path)
+    tree = {}
+    for text in tiny_overrides(tmp_path, root):
+        key, value = text.split("=", 1)
+        section, name = key.split(".")
+        tree.setdefault(section, {})[name] = yaml.safe_load(value)
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tree))
+    return config, root
+
+
+def test_preload_train_evaluate_predict(run, tmp_path, capsys):
+    config, root = run
+    assert main(["preload", "-c", str(config), "--verify", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "KiB per image" in out and ": OK" in out and "samples/s" in out
+
+    assert main(["train", "-c", str(config), "--set", "train.epochs=1"]) == 0
+    out = capsys.readouterr().out
+    assert "epoch 1/1" in out and "best epoch 1" in out
+    run_dir = tmp_path / "run"
+    assert {"best.pt", "last.pt", "log.csv", "config.yaml"} <= {p.name for p in run_dir.iterdir()}
+    assert "TensorBoard" not in out  # train.tensorboard=false in the tiny settings
+
+    assert main(["evaluate", "-c", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "test: 6 images" in out and "confusion matrix" in out and "auc" in out
+    evaluation = json.loads((run_dir / "eval_test.json").read_text())
+    assert sum(map(sum, evaluation["metrics"]["confusion"])) == 6
+
+    output = tmp_path / "predictions.csv"
+    # predict needs no config: the checkpoint carries the settings.
+    assert main(["predict", "--checkpoint", str(run_dir / "best.pt"), "--images", str(root / "test"),
+                 "--output", str(output), "--no-progress"]) == 0
+    with open(output) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 6 and rows[0]["path"] == "checker/checker_0000.png"
+    assert set(rows[0]) == {"path", "prediction", "confidence", "p_checker", "p_horizontal", "p_vertical"}
+    assert all(abs(sum(float(r[f"p_{c}"]) for c in demo.CLASSES) - 1) < 1e-4 for r in rows)
+
+
+def test_print_config_shows_the_resolved_settings(run, capsys):
+    config, _ = run
+    assert main(["train", "-c", str(config), "--set", "data.dataset=covid", "--set", "train.lr=5e-5",
+                 "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["train"]["lr"] == 5e-5 and printed["model"]["num_classes"] == 3
+    assert printed["model"]["prompt_reduction_ratio"] == 8  # preset fpt from the file
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.epocs=2", "unknown setting 'train.epocs'; did you mean train.epochs?"),
+    ("train.batch_size=big", "setting train.batch_size: expected an integer"),
+])
+def test_bad_settings_exit_with_status_2_naming_the_key(run, capsys, override, message):
+    config, _ = run
+    assert main(["train", "-c", str(config), "--set", override]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_corrupt_image_stops_or_is_skipped_and_listed(run, capsys):
+    config, root = run
+    bad = root / "train" / "vertical" / "vertical_0001.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n cut short")
+    no_store = ["--set", "data.store=null", "--set", "train.epochs=1", "--set", "data.mean=[0.5, 0.5, 0.5]",
+                "--set", "data.std=[0.25, 0.25, 0.25]"]
+    assert main(["train", "-c", str(config)] + no_store) == 2
+    err = capsys.readouterr().err
+    assert "cannot read image" in err and "vertical_0001.png" in err
+    assert main(["train", "-c", str(config), "--skip-bad-images"] + no_store) == 0
+    out = capsys.readouterr().out
+    assert "1 unreadable image(s) were left out" in out and "vertical_0001.png" in out
+
+
+def test_evaluate_refuses_a_different_model(run, capsys):
+    config, _ = run
+    assert main(["train", "-c", str(config), "--set", "data.store=null", "--set", "train.epochs=1"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "-c", str(config), "--set", "data.store=null", "--set", "model.num_prompts=4"]) == 2
+    assert "model.num_prompts: 16 in the checkpoint, 4 now" in capsys.readouterr().err
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    lines = []
+    report = demo.run_demo(tmp_path / "demo", epochs=1, progress=False,
+                           images_per_class={"train": 4, "val": 2, "test": 2}, log=lines.append)
+    text = "\n".join(lines)
+    assert "FPT demo report" in text and "side network alone" in text
+    assert 0.0 < report.learnable_share < 0.05 and abs(report.vit_b_share - 0.0103) < 0.001
+    assert report.bytes_per_image < report.official_bytes_per_image / 1.9
+
+
+def test_module_and_console_script():
+    result = subprocess.run([sys.executable, "-m", "fpt_fast", "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0
+    for command in ("preload", "train", "evaluate", "predict", "demo"):
+        assert command in result.stdout
+    scripts = [e for e in entry_points(group="console_scripts") if e.name == "fpt-fast"]
+    if not scripts:
+        pytest.skip("fpt_fast is not installed (no fpt-fast console script)")
+    assert scripts[0].load() is main

@@ -1,0 +1,135 @@
+"""Run settings: layers (preset < dataset template < YAML < --set), checking, round trips."""
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fpt_fast.model.config import PRESETS, FPTConfig
+from fpt_fast.app.settings import DATASETS, Settings, load_settings, model_schema, parse_override
+
+
+def write_yaml(tmp_path, tree, name="run.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def test_defaults_are_the_official_fpt_plus():
+    settings = load_settings()
+    for key, value in PRESETS["fpt+"].items():
+        assert settings.model[key] == value, key
+    assert settings.model["pretrained"] is True and settings.model["num_classes"] is None
+    assert (settings.train.epochs, settings.train.batch_size, settings.train.lr) == (20, 16, 2e-4)
+    assert settings.train.clip_grad_norm == 1.0 and settings.train.selection_metric == "auc"
+    assert settings.preload.dtype == "bfloat16"
+
+
+def test_preset_template_file_and_overrides_layer_in_order(tmp_path):
+    path = write_yaml(tmp_path, {"model": {"preset": "fpt"}, "data": {"dataset": "isic2018"},
+                                 "train": {"lr": 3e-4, "epochs": 7}})
+    settings = load_settings(path, ["train.epochs=9", "data.num_workers=0"])
+    assert settings.model["prompt_reduction_ratio"] == PRESETS["fpt"]["prompt_reduction_ratio"]  # preset
+    assert settings.model["num_classes"] == 7 and settings.data.mean == DATASETS["isic2018"]["data"]["mean"]
+    assert settings.train.lr == 3e-4          # the file beats the template's 1e-4
+    assert settings.train.epochs == 9         # --set beats the file
+    assert settings.data.num_workers == 0
+
+
+@pytest.mark.parametrize("dataset,classes,lr", [("messidor2", 5, 2e-4), ("isic2018", 7, 1e-4),
+                                                ("ddsm", 3, 1e-3), ("covid", 3, 1e-4)])
+def test_dataset_templates(dataset, classes, lr):
+    settings = load_settings(None, [f"data.dataset={dataset}"])
+    assert settings.model["num_classes"] == classes and settings.train.lr == lr
+    assert settings.model["image_size"] == 512
+    assert len(settings.data.mean) == len(settings.data.std) == 3
+
+
+def test_override_values_are_read_as_yaml():
+    assert parse_override("train.lr=1e-4") == ("train", "lr", "1e-4")  # PyYAML 1.1 keeps this as text ...
+    settings = load_settings(None, ["train.lr=1e-4", "model.extracted_layers=[3, 4]", "train.val_split=null",
+                                    "model.backbone_kwargs={depth: 2}", "data.mean=[0.5, 0.5, 0.5]"])
+    assert settings.train.lr == 1e-4                                   # ... the float setting reads it
+    assert settings.model["extracted_layers"] == [3, 4] and settings.train.val_split is None
+    assert settings.model["backbone_kwargs"] == {"depth": 2} and settings.data.mean == [0.5, 0.5, 0.5]
+
+
+@pytest.mark.parametrize("override,error,match", [
+    ("train.learning_rate=1e-4", ValueError, r"unknown setting 'train.learning_rate'; did you mean train.lr\?"),
+    ("train.epoch=3", ValueError, r"unknown setting 'train.epoch'; did you mean train.epochs\?"),
+    ("trian.lr=1", ValueError, "unknown setting 'trian'"),
+    ("train.epochs=ten", TypeError, "setting train.epochs: expected an integer, got 'ten'"),
+    ("train.epochs=2.5", TypeError, "setting train.epochs"),
+    ("model.prompt_norm=3", TypeError, "setting model.prompt_norm: expected true/false"),
+    ("data.mean=[0.5, 0.5]", TypeError, "setting data.mean"),
+    ("preload.dtype=int8", ValueError, "setting preload.dtype: expected 'bfloat16' or 'float16' or 'float32'"),
+    ("model.preset=vpt", ValueError, "setting model.preset"),
+    ("train.lr", ValueError, "expected SECTION.KEY=VALUE"),
+    ("lr=1", ValueError, "SECTION.KEY"),
+])
+def test_bad_overrides_name_the_key(override, error, match):
+    with pytest.raises(error, match=match):
+        load_settings(None, [override])
+
+
+def test_bad_keys_in_the_file_name_the_key(tmp_path):
+    with pytest.raises(ValueError, match="unknown setting 'data.rooot'; did you mean data.root"):
+        load_settings(write_yaml(tmp_path, {"data": {"rooot": "/x"}}))
+    with pytest.raises(TypeError, match="setting train.batch_size"):
+        load_settings(write_yaml(tmp_path, {"train": {"batch_size": "16"}}))
+    with pytest.raises(FileNotFoundError, match="missing.yaml"):
+        load_settings(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        load_settings(bad)
+
+
+def test_invalid_model_values_are_reported_when_the_model_is_built():
+    settings = load_settings(None, ["model.token_ratio=1.5", "model.pretrained=false"])
+    with pytest.raises(ValueError, match="token_ratio"):
+        settings.fpt_config(3)
+
+
+def test_num_classes_comes_from_the_data_or_must_agree():
+    settings = load_settings(None, ["model.pretrained=false"])
+    with pytest.raises(ValueError, match="model.num_classes is null"):
+        settings.fpt_config()
+    assert settings.fpt_config(4).num_classes == 4
+    with pytest.raises(ValueError, match="model.num_classes=5 but the dataset has 3"):
+        load_settings(None, ["data.dataset=messidor2", "model.pretrained=false"]).fpt_config(3)
+
+
+def test_model_section_covers_every_fpt_config_field():
+    fields = {f.name for f in dataclasses.fields(FPTConfig) if f.init}
+    assert fields <= set(model_schema())
+
+
+def test_printed_settings_load_back_identically(tmp_path):
+    settings = load_settings(None, ["data.dataset=ddsm", "train.epochs=3", "model.image_size=[384, 256]"])
+    path = tmp_path / "printed.yaml"
+    path.write_text(settings.to_yaml())
+    again = load_settings(path)
+    assert again.to_dict() == settings.to_dict()
+    assert Settings.from_tree(settings.to_dict()).to_dict() == settings.to_dict()
+
+
+def test_replace_checks_like_overrides():
+    settings = load_settings()
+    assert settings.replace("train", epochs=3).train.epochs == 3
+    with pytest.raises(TypeError, match="setting train.epochs"):
+        settings.replace("train", epochs="3")
+
+
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_shipped_configs_load(path):
+    settings = load_settings(path)
+    if path.stem in DATASETS:
+        assert settings.data.dataset == path.stem and settings.model["num_classes"] is not None
+    if path.stem == "customized":  # documents every key at its default
+        assert settings.to_dict() == load_settings().to_dict()
+        written = yaml.safe_load(path.read_text())
+        assert {s: set(v) for s, v in written.items()} == {s: set(v) for s, v in settings.to_dict().items()}

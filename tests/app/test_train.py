@@ -1,0 +1,155 @@
+"""Training: resume equivalence, checkpoints, schedule, class weights, feature sources."""
+import csv
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fpt_fast.app import train as fpt_train
+from fpt_fast.app.train import build_model, class_weight_tensor, evaluate, load_checkpoint, preload, train, warmup_cosine
+from tiny_run import tiny_settings
+
+METRICS = ["train_loss", "train_acc", "val_acc", "val_f1", "val_auc", "val_precision", "val_recall",
+           "val_kappa", "lr", "best"]
+QUIET = dict(log=lambda _: None)
+
+
+def test_resume_gives_the_weights_and_metrics_of_an_uninterrupted_run(tmp_path, monkeypatch):
+    settings = tiny_settings(tmp_path, "train.epochs=3")
+    preload(settings, **QUIET)
+    full = train(settings.replace("train", out_dir=str(tmp_path / "full")), **QUIET)
+
+    part = settings.replace("train", out_dir=str(tmp_path / "part"))
+    save = fpt_train.save_checkpoint
+
+    def save_then_crash(path, payload):
+        save(path, payload)
+        if path.name == "last.pt" and payload["epoch"] == 0:
+            raise KeyboardInterrupt  # killed right after the first epoch
+    monkeypatch.setattr(fpt_train, "save_checkpoint", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(part, **QUIET)
+    monkeypatch.setattr(fpt_train, "save_checkpoint", save)
+    assert load_checkpoint(tmp_path / "part" / "last.pt")["epoch"] == 0
+    resumed = train(part, resume=True, **QUIET)
+
+    assert [{k: r[k] for k in METRICS} for r in resumed.history] == [{k: r[k] for k in METRICS} for r in full.history]
+    a, b = load_checkpoint(tmp_path / "full" / "last.pt"), load_checkpoint(tmp_path / "part" / "last.pt")
+    assert a["model"].keys() == b["model"].keys()
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
+    best_a, best_b = load_checkpoint(tmp_path / "full" / "best.pt"), load_checkpoint(tmp_path / "part" / "best.pt")
+    assert best_a["best_epoch"] == best_b["best_epoch"]
+    assert all(torch.equal(best_a["model"][k], best_b["model"][k]) for k in best_a["model"])
+    with open(tmp_path / "part" / "log.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+
+
+def test_resume_refuses_changed_settings(tmp_path):
+    settings = tiny_settings(tmp_path, "train.epochs=1", "train.val_split=null", "data.store=null")
+    train(settings, **QUIET)
+    with pytest.raises(ValueError, match=r"train.lr: 0.001 then, 0.002 now"):
+        train(settings.replace("train", lr=2e-3, epochs=2), resume=True, **QUIET)
+    with pytest.raises(FileNotFoundError, match="last.pt"):
+        train(settings.replace("train", out_dir=str(tmp_path / "elsewhere")), resume=True, **QUIET)
+
+
+def test_checkpoints_hold_only_tensors_and_plain_containers(tmp_path):
+    settings = tiny_settings(tmp_path, "train.epochs=1", "data.store=null")
+    result = train(settings, **QUIET)
+    for name in ("best.pt", "last.pt"):
+        payload = torch.load(result.out_dir / name, weights_only=True)  # raises on anything else
+        assert payload["kind"] == "fpt_fast.checkpoint" and payload["classes"] == ["checker", "horizontal", "vertical"]
+        assert payload["settings"]["data"]["mean"] != "auto"  # resolved for evaluate/predict
+    assert not [p for p in result.out_dir.iterdir() if ".tmp-" in p.name]
+    (tmp_path / "other.pt").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="cannot be read"):
+        load_checkpoint(tmp_path / "other.pt")
+    torch.save({"some": torch.zeros(1)}, tmp_path / "foreign.pt")
+    with pytest.raises(ValueError, match="not an fpt_fast checkpoint"):
+        load_checkpoint(tmp_path / "foreign.pt")
+
+
+def test_live_features_and_store_features_train_alike(tmp_path):
+    """Training from the store or from the frozen branch run live reaches the same weights (fp32 store)."""
+    settings = tiny_settings(tmp_path, "train.epochs=1", "preload.dtype=float32")
+    preload(settings, **QUIET)
+    from_store = train(settings.replace("train", out_dir=str(tmp_path / "a")), **QUIET)
+    live = train(settings.replace("data", store=None).replace("train", out_dir=str(tmp_path / "b")), **QUIET)
+    a, b = load_checkpoint(tmp_path / "a" / "last.pt"), load_checkpoint(tmp_path / "b" / "last.pt")
+    for name in a["model"]:
+        torch.testing.assert_close(a["model"][name], b["model"][name], atol=1e-4, rtol=1e-3, msg=name)
+    assert from_store.history[0]["val_acc"] == live.history[0]["val_acc"]
+
+
+def test_side_only_trains_only_the_side_network(tmp_path):
+    settings = tiny_settings(tmp_path, "train.epochs=1", "train.side_only=true")
+    result = train(settings, **QUIET)
+    payload = load_checkpoint(result.out_dir / "best.pt")
+    fresh = load_checkpoint(result.out_dir / "last.pt")
+    assert result.learnable_share < build_model(settings, 3).learnable_share()
+    untouched = [k for k in payload["model"] if k.startswith("fusion.")]
+    assert untouched and all(torch.equal(payload["model"][k], fresh["model"][k]) for k in untouched)
+    metrics = evaluate(result.settings, result.out_dir / "best.pt", "test", **QUIET).metrics
+    assert 0.0 <= metrics["acc"] <= 1.0
+    # The checkpoint, not the caller's settings, says it is a side-network-only model.
+    again = evaluate(result.settings.replace("train", side_only=False), result.out_dir / "best.pt", "test", **QUIET)
+    assert again.metrics == metrics
+
+
+def test_warmup_then_cosine():
+    factor = warmup_cosine(warmup_steps=4, total_steps=14)
+    assert [factor(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert factor(4) == 1.0 and factor(9) == pytest.approx(0.5) and factor(14) == pytest.approx(0.0)
+    no_warmup = warmup_cosine(0, 10)
+    assert no_warmup(0) == 1.0 and no_warmup(5) == pytest.approx(0.5)
+
+
+def test_class_weights():
+    labels = np.array([0, 0, 0, 1, 2, 2])
+    torch.testing.assert_close(class_weight_tensor("balanced", labels, 4),
+                               torch.tensor([6 / 12, 6 / 4, 6 / 8, 0.0]))
+    assert class_weight_tensor(None, labels, 3) is None
+    with pytest.raises(ValueError, match="train.class_weights has 2 values but there are 3 classes"):
+        class_weight_tensor([1.0, 2.0], labels, 3)
+
+
+def test_loss_falls_and_checkpoint_evaluates(tmp_path):
+    settings = tiny_settings(tmp_path, "train.epochs=4", "train.lr=3e-3", "model.dropout=0.0")
+    preload(settings, **QUIET)
+    result = train(settings, **QUIET)
+    losses = [row["train_loss"] for row in result.history]
+    assert losses[-1] < losses[0]
+    assert all(not math.isnan(row["val_auc"]) for row in result.history)
+    best = max(range(len(result.history)), key=lambda i: (result.history[i]["val_auc"], -i))
+    assert result.best_epoch == best + 1
+    evaluation = evaluate(result.settings, result.out_dir / "best.pt", "val", **QUIET)
+    assert evaluation.metrics["auc"] == pytest.approx(result.history[best]["val_auc"])
+    assert (result.out_dir / "eval_val.json").is_file()
+
+
+def test_worker_processes_do_not_change_the_run(tmp_path):
+    settings = tiny_settings(tmp_path, "train.epochs=1")
+    preload(settings, **QUIET)
+    in_process = train(settings.replace("train", out_dir=str(tmp_path / "w0")), **QUIET)
+    workers = train(settings.replace("train", out_dir=str(tmp_path / "w2")).replace("data", num_workers=2), **QUIET)
+    a, b = load_checkpoint(tmp_path / "w0" / "last.pt"), load_checkpoint(tmp_path / "w2" / "last.pt")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert in_process.history[0]["val_auc"] == workers.history[0]["val_auc"]
+
+
+def test_tensorboard_when_available_else_said(tmp_path):
+    settings = tiny_settings(tmp_path, "train.epochs=1", "train.tensorboard=true", "train.val_split=null",
+                             "data.store=null", "data.mean=[0.5, 0.5, 0.5]", "data.std=[0.25, 0.25, 0.25]")
+    lines = []
+    result = train(settings, log=lines.append)
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+    except ImportError:
+        assert any("TensorBoard logging is off" in line for line in lines)
+    else:
+        assert any((result.out_dir / "tensorboard").iterdir())
+    assert result.best_epoch == 1  # no validation split: the last epoch is the best

@@ -1,0 +1,163 @@
+"""The benchmark harness in smoke mode (tiny sizes, CPU): every script runs, writes keyed rows, and
+the device-independent memory account shows FPT+ with preloading far below full fine-tuning."""
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:  # benchmarks/ is a top-level folder of the repository, not installed
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import common, extraction, kernels, report, training  # noqa: E402
+
+KEY_FIELDS = {"op", "provider", "mode", "shape", "dtype", "device", "median_ms", "status", "reason",
+              "speedup_vs_reference", "peak_extra_mb", "params"}
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory):
+    return tmp_path_factory.mktemp("bench")
+
+
+def _rows(out, op=None):
+    data = json.loads((out / "results.json").read_text())
+    rows = data["rows"]
+    return [r for r in rows if op is None or r["op"] == op], data
+
+
+def _check_keys(rows):
+    assert rows
+    for r in rows:
+        assert KEY_FIELDS <= set(r), sorted(KEY_FIELDS - set(r))
+        assert r["device"].startswith("cpu"), r["device"]  # CPU numbers are always labelled cpu
+        assert r["status"] in ("ok", "skipped", "oom", "error")
+        if r["status"] == "ok" and r["op"] not in ("train_memory", "extract_memory", "max_resolution"):
+            assert r["median_ms"] > 0
+        if r["status"] != "ok":
+            assert r["reason"]
+
+
+def test_kernels_smoke(out):
+    kernels.main(["--smoke", "--out", str(out)])
+    rows, data = _rows(out)
+    rows = [r for r in rows if r["op"] in kernels.OPS]
+    _check_keys(rows)
+    assert not [r for r in rows if r["status"] == "error"], [r["reason"] for r in rows if r["status"] == "error"]
+    for op in kernels.OPS:
+        ok = {r["provider"] for r in rows if r["op"] == op and r["status"] == "ok"}
+        assert {"torch", "reference"} <= ok, (op, ok)
+    assert {("prompt_attention", "fwd"), ("prompt_attention", "fwd+bwd")} <= {(r["op"], r["mode"]) for r in rows}
+    ref = [r for r in rows if r["provider"] == "reference" and r["status"] == "ok"]
+    assert all(r["speedup_vs_reference"] == pytest.approx(1.0) for r in ref)
+    peaks = data["peaks"]["cpu"]
+    assert peaks["peak_tflops"] > 0 and peaks["peak_gbps"] > 0
+    assert data["env"]["torch"] == torch.__version__
+
+
+def test_training_smoke_and_memory_account(out):
+    training.main(["--smoke", "--out", str(out), "--auc", "fpt=86.4,fpt+=87.12,full_ft=88.82,lora=85.94"])
+    steps, _ = _rows(out, "train_step")
+    _check_keys(steps)
+    methods = {r["provider"] for r in steps if r["status"] == "ok"}
+    assert set(training.METHODS) - {"lora"} <= methods
+    for r in steps:
+        if r["status"] == "ok":
+            assert r["images_per_s"] > 0 and 0 < r["learnable_share"] <= 1
+    lora = [r for r in steps if r["provider"] == "lora"]
+    assert all(r["status"] == "ok" or "peft" in r["reason"] for r in lora)
+
+    acc, _ = _rows(out, "train_memory")
+    _check_keys(acc)
+    by = {r["provider"]: r for r in acc if r["status"] == "ok"}
+    full, plus = by["full_ft"], by["fpt+_preloaded"]
+    for field in ("saved_bytes", "param_bytes", "grad_bytes", "optimizer_bytes", "input_bytes", "estimate_bytes"):
+        assert full[field] > 0 and plus[field] >= 0
+    assert plus["saved_bytes"] < 0.1 * full["saved_bytes"]
+    assert plus["estimate_bytes"] < 0.1 * full["estimate_bytes"]
+    # Without preloading the frozen backbone stays resident: its parameters are counted.
+    assert by["fpt+"]["param_bytes"] > 10 * plus["param_bytes"]
+    assert by["fpt"]["frozen_transient_bytes"] > 0 and plus["frozen_transient_bytes"] == 0
+    # AdamW: two fp32 moments per trainable parameter (plus step counters).
+    assert full["optimizer_bytes"] >= 2 * full["grad_bytes"]
+    assert full["ratio_vs_full_ft"] == pytest.approx(1.0)
+    assert "pme" in plus and plus["pme"] > full["pme"]
+
+
+def test_extraction_smoke(out):
+    extraction.main(["--smoke", "--out", str(out)])
+    rows, _ = _rows(out, "extract")
+    _check_keys(rows)
+    assert {r["provider"] for r in rows if r["status"] == "ok"} == set(extraction.PROVIDERS)
+    search, _ = _rows(out, "max_resolution")
+    assert search and all(r["max_fit_px"] and r["max_fit_px"] % 16 == 0 for r in search)
+    live, _ = _rows(out, "extract_memory")
+    assert live and all(r["live_peak_bytes"] > 0 for r in live)
+
+
+def test_report_renders(out):
+    if not (out / "results.json").exists():
+        pytest.skip("needs the smoke runs above")
+    path = report.main([str(out)])
+    text = Path(path).read_text()
+    for section in ("Device-independent training memory", "Frozen-branch extraction", "Training step", "Kernels"):
+        assert section in text
+    assert "| cpu" in text
+    try:
+        import matplotlib  # noqa: F401  (the plots are optional: the bench extra)
+    except ImportError:
+        return
+    for png in ("memory_account.png", "throughput_vs_batch.png", "extraction_throughput.png"):
+        assert (out / png).stat().st_size > 1000, png
+
+
+# ------------------------------------------------------------------------------- the pieces
+def test_search_max_resolution_brackets_the_limit():
+    limit = 1000
+    found = extraction.search_max_resolution(lambda s: s <= limit, start=512, cap=4096, granularity=16)
+    assert found["max_fit"] <= limit < found["first_fail"]
+    assert found["first_fail"] - found["max_fit"] <= 16 and found["max_fit"] % 16 == 0
+    sizes = [s for s, _ in found["tried"]]
+    assert sizes[:2] == [512, 1024] and all(s % 16 == 0 for s in sizes)
+    # Start too large: halves down; nothing fails up to the cap: reports the cap.
+    down = extraction.search_max_resolution(lambda s: s <= 200, start=512, cap=4096, granularity=16)
+    assert down["max_fit"] <= 200 < down["first_fail"]
+    capped = extraction.search_max_resolution(lambda s: True, start=512, cap=3000)
+    assert capped["max_fit"] == 2992 and capped["first_fail"] is None
+    stopped = extraction.search_max_resolution(lambda s: True, start=512, cap=4096,
+                                               should_stop=lambda s: "budget" if s > 1024 else None)
+    assert stopped["max_fit"] == 1024 and stopped["stopped"] == "budget"
+
+
+def test_saved_bytes_counts_each_storage_once_and_skips_parameters():
+    w = torch.nn.Parameter(torch.randn(64, 64))
+    x = torch.randn(8, 64)
+    with common.SavedBytes(exclude=[w, x]) as saved:
+        h = x @ w                      # saves x and w: both excluded
+        y = torch.tanh(h)              # saves its output (8 x 64 fp32)
+        z = (y.view(-1) * y.view(-1)).sum()  # views of y: same storage, counted once
+    assert saved.nbytes == 8 * 64 * 4
+    z.backward()
+
+
+def test_live_bytes_tracks_the_peak_of_simultaneously_alive_tensors():
+    x = torch.randn(256, 256)
+    with torch.no_grad(), common.LiveBytes() as live:
+        a = x * 2          # 256 KiB
+        b = a + 1          # 256 KiB, both alive
+        del a
+        c = b.view(-1)     # a view: no new memory
+        del b, c
+    assert live.peak == 2 * 256 * 256 * 4
+    assert live.current == 0
+
+
+def test_efficiency_metrics_follow_the_spec():
+    assert training.ppe(90.0, 0.0) == pytest.approx(90.0)
+    assert training.ppe(90.0, 1.0) == pytest.approx(90.0 * math.exp(-math.log10(2)))
+    assert training.pme(80.0, 5.0, 10.0) == pytest.approx(80.0 * math.exp(-math.log10(1.5)))
+    assert training.parse_auc("87") == {m: 87.0 for m in ("fpt", "fpt+", "full_ft", "lora")}
+    assert training.parse_auc("fpt=1,full_ft=2") == {"fpt": 1.0, "full_ft": 2.0}

@@ -1,0 +1,190 @@
+"""The frozen branch: extraction equals the reference's, early exit, chunking, no autograd."""
+import pytest
+import torch
+
+from fpt_fast import FPTConfig, FrozenBranch, reference
+from helpers import TINY, assert_same_rows, tiny_config
+
+
+def extract_both(cfg, x):
+    torch.manual_seed(0)
+    frozen = FrozenBranch(cfg)
+    fast = frozen(x)
+    ref = reference.extract_features(frozen.backbone, x, cfg.layers, cfg.num_selected, cfg.importance)
+    return frozen, fast, ref
+
+
+@pytest.mark.parametrize("importance", ["global", "class_token"])
+@pytest.mark.parametrize("size", [(64, 48), (32, 80)])
+def test_extraction_matches_reference(importance, size):
+    cfg = tiny_config("fpt", image_size=size, importance=importance)
+    x = torch.randn(2, 3, *size)
+    _, fast, (ref_k, ref_v) = extract_both(cfg, x)
+    assert fast.keys.shape == ref_k.shape == (3, 2, 2, cfg.num_selected, 32)
+    assert_same_rows(fast.keys, ref_k)
+    assert_same_rows(fast.values, ref_v)
+
+
+def test_selected_tokens_are_per_head_and_ascending():
+    cfg = tiny_config("fpt", token_ratio=0.5)
+    x = torch.randn(1, 3, *cfg.image_size)
+    frozen, fast, _ = extract_both(cfg, x)
+    # Recover the token indices by matching the selected keys against all keys of block 0.
+    captured = {}
+    handle = frozen.backbone.blocks[0].attn.k_norm.register_forward_hook(lambda m, i, o: captured.update(k=o))
+    frozen(x)
+    handle.remove()
+    k_all = captured["k"][0]                                   # (H, N, d)
+    index = torch.cdist(fast.keys[0, 0], k_all).argmin(-1)     # (H, n)
+    assert torch.all(index[:, 1:] > index[:, :-1])             # ascending token index
+    assert not torch.equal(index[0], index[1])                 # each head chooses its own tokens
+
+
+def test_early_exit_drops_later_blocks_norm_and_head():
+    cfg = tiny_config("fpt", extracted_layers=[0, 1])
+    frozen = FrozenBranch(cfg)
+    assert len(frozen.backbone.blocks) == 2
+    assert isinstance(frozen.backbone.norm, torch.nn.Identity)
+
+
+def test_chunked_equals_unchunked_bitwise():
+    cfg = tiny_config("fpt+")
+    x = torch.randn(5, 3, *cfg.image_size)
+    torch.manual_seed(0)
+    whole = FrozenBranch(cfg)(x)
+    torch.manual_seed(0)
+    chunked = FrozenBranch(tiny_config("fpt+", frozen_chunk_size=2))(x)
+    assert torch.equal(whole.keys, chunked.keys) and torch.equal(whole.values, chunked.values)
+
+
+def test_no_autograd_graph_and_no_gradients():
+    frozen = FrozenBranch(tiny_config("fpt"))
+    x = torch.randn(1, 3, 64, 48, requires_grad=True)
+    with torch.enable_grad():
+        out = frozen(x)
+    assert out.keys.grad_fn is None and out.values.grad_fn is None
+    assert all(not p.requires_grad for p in frozen.parameters())
+    frozen.train()
+    assert not frozen.training
+
+
+def test_feature_dtype():
+    frozen = FrozenBranch(tiny_config("fpt", feature_dtype="bfloat16"))
+    out = frozen(torch.randn(1, 3, 64, 48))
+    assert out.keys.dtype == out.values.dtype == torch.bfloat16
+
+
+def test_unsupported_architecture_is_named():
+    with pytest.raises(ValueError, match="backbone"):
+        FPTConfig(backbone="resnet18")
+
+
+def test_bad_images():
+    frozen = FrozenBranch(tiny_config("fpt"))
+    with pytest.raises(ValueError, match="images"):
+        frozen(torch.randn(3, 64, 48))
+    with pytest.raises(ValueError, match="images"):
+        frozen(torch.randn(0, 3, 64, 48))
+
+
+def test_local_checkpoint_is_loaded(tmp_path):
+    cfg = tiny_config("fpt")
+    torch.manual_seed(0)
+    source = FrozenBranch(cfg).backbone
+    import timm
+    full = timm.create_model(cfg.backbone, num_classes=0, img_size=cfg.image_size, **TINY["backbone_kwargs"])
+    path = tmp_path / "backbone.pth"
+    torch.save(full.state_dict(), path)
+    loaded = FrozenBranch(tiny_config("fpt", checkpoint_path=str(path))).backbone
+    torch.testing.assert_close(loaded.blocks[0].attn.qkv.weight, full.blocks[0].attn.qkv.weight)
+    assert not torch.equal(loaded.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)
+
+
+MEMORY_PROBE = """
+import resource, sys, torch
+from fpt_fast import FPTConfig, FrozenBranch
+size = int(sys.argv[1])
+cfg = FPTConfig.preset("fpt", backbone="vit_tiny_patch16_224", image_size=size, side_input_size=32,
+                       backbone_kwargs=dict(depth=1, embed_dim=64, num_heads=2), extracted_layers=[0])
+frozen = FrozenBranch(cfg)
+frozen(torch.randn(1, 3, 64, 64))  # warm up allocator and kernels at a small size
+x = torch.randn(1, 3, size, size)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+out = frozen(x)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(cfg.num_tokens, (after - before) * 1024)
+"""
+
+
+def test_extraction_never_allocates_n_by_n(tmp_path):
+    """At 1792 px (N = 12545) the reference's probabilities alone need 1.26 GB for one layer of a
+    2-head model; the extraction's peak resident memory grows by a small fraction of that."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "probe.py"
+    script.write_text(MEMORY_PROBE)
+    result = subprocess.run([sys.executable, str(script), "1792"], capture_output=True, text=True, check=True)
+    num_tokens, growth = map(int, result.stdout.split())
+    probs_bytes = 2 * num_tokens * num_tokens * 4
+    assert probs_bytes > 2**30
+    assert growth < 0.25 * probs_bytes, f"peak RSS grew by {growth / 2**20:.0f} MiB"
+
+
+def test_training_step_records_nothing_of_the_frozen_branch():
+    """Without preloading, the autograd graph saves exactly what it saves with preloaded features."""
+    from fpt_fast import FPT
+    from fpt_fast.model.fpt import resize_for_side
+
+    torch.manual_seed(0)
+    model = FPT(tiny_config("fpt")).train()
+    x_hi = torch.randn(2, 3, *model.config.image_size)
+
+    def saved_bytes(fn):
+        total = []
+
+        def pack(t):
+            total.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            torch.manual_seed(1)
+            fn().sum().backward()
+        return sum(total)
+
+    features = model.extract(x_hi)
+    x_lo = resize_for_side(x_hi, model.config.side_input_size)
+    assert saved_bytes(lambda: model(x_hi)) == saved_bytes(lambda: model.forward_from_features(x_lo, features))
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "math", "triton", "native"])
+@pytest.mark.parametrize("variant", ["plain", "dinov2_reg4_patch14", "qk_norm"])
+def test_every_attention_backend_matches_reference(backend, variant):
+    kwargs = {
+        "plain": dict(image_size=(48, 32)),
+        "dinov2_reg4_patch14": dict(backbone="vit_small_patch14_reg4_dinov2", image_size=(42, 28), side_input_size=28,
+                                    backbone_kwargs=dict(depth=2, embed_dim=64, num_heads=2)),
+        "qk_norm": dict(image_size=(32, 64), backbone_kwargs=dict(depth=2, embed_dim=64, num_heads=2, qk_norm=True)),
+    }[variant]
+    cfg = tiny_config("fpt", attention_backend=backend, **kwargs)
+    x = torch.randn(2, 3, *cfg.image_size)
+    if backend == "math":
+        with pytest.warns(UserWarning, match="N x N"):
+            FrozenBranch(cfg)
+    _, fast, (ref_k, ref_v) = extract_both(cfg, x)
+    assert_same_rows(fast.keys, ref_k, atol=1e-4)
+    assert_same_rows(fast.values, ref_v, atol=1e-4)
+
+
+def test_bfloat16_frozen_branch_keeps_most_tokens():
+    cfg32 = tiny_config("fpt", token_ratio=0.5)
+    x = torch.randn(2, 3, *cfg32.image_size)
+    torch.manual_seed(0)
+    ref = FrozenBranch(cfg32)(x)
+    torch.manual_seed(0)
+    low = FrozenBranch(tiny_config("fpt", token_ratio=0.5, frozen_dtype="bfloat16"))(x)
+    assert low.keys.dtype == torch.bfloat16
+    # A random tiny backbone attends almost uniformly, so bf16 rounding swaps some near-tied tokens;
+    # the rows that are kept by both agree to bf16 precision.
+    dist = torch.cdist(low.keys.float().flatten(0, 2), ref.keys.flatten(0, 2)).amin(-1)
+    assert (dist < 0.05).float().mean() > 0.7
