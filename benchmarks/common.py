@@ -315,7 +315,7 @@ def peak_extra_bytes(fn: Callable, device) -> Optional[int]:
 
 # ------------------------------------------------------------------------- device peaks
 def measure_peaks(device, smoke: bool = False) -> dict:
-    """The two ceilings of METHOD.md, measured: a large bf16 matmul (TFLOP/s) and a large
+    """The two ceilings a kernel is measured against: a large bf16 matmul (TFLOP/s) and a large
     device-to-device copy (GB/s, bytes read + written). Random data, never zeros."""
     device = torch.device(device)
     label = device_label(device)
@@ -544,10 +544,19 @@ def warn_cpu_timings(device) -> None:
         print("note: timings below are CPU timings (smoke/harness check), not GPU results", file=sys.stderr)
 
 
-def start_run(args):
-    """What every benchmark's main() starts with: (device, budget, seeded generator on the device)."""
+def start_run(args, script: str, peaks: bool = False):
+    """What every benchmark's main() starts with: (device, budget, seeded generator on the device,
+    the Saver of the script's rows). peaks: measure the device's peaks (or reuse those in --out),
+    then in saver.peaks."""
     device = resolve_device(args)
     budget = Budget(args.budget_s)
     warn_cpu_timings(device)
     torch.manual_seed(args.seed)
-    return device, budget, torch.Generator(device=device).manual_seed(args.seed)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    measured = peaks_for(args.out, device, args.smoke) if peaks else None
+    return device, budget, gen, Saver(args.out, script, args, budget, device, measured)
+
+
+def failure_fields(exc: BaseException) -> dict:
+    """status ("oom" or "error") and reason of a row whose measurement raised exc."""
+    return {"status": "oom" if is_oom(exc) else "error", "reason": f"{type(exc).__name__}: {str(exc)[:300]}"}

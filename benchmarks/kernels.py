@@ -197,8 +197,7 @@ def run_case(case: Case, device, peaks: dict, args, budget: common.Budget) -> Li
                                 grad_to_none=case.grad_to_none)
             peak = common.peak_extra_bytes(fn, device)
         except Exception as exc:  # an op failing at one size must not end the sweep
-            oom = common.is_oom(exc)
-            r.update(status="oom" if oom else "error", reason=f"{type(exc).__name__}: {str(exc)[:300]}")
+            r.update(common.failure_fields(exc))
             rows.append(r)
             del exc
             common.clear(device)
@@ -236,7 +235,7 @@ def parse_args(argv):
 
 def main(argv=None) -> List[dict]:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    device, budget, gen = common.start_run(args)
+    device, budget, gen, saver = common.start_run(args, "kernels", peaks=True)
     if args.smoke:
         sizes, B, H, d = SMOKE_SIZES, args.batch or 2, 2, 32
         prompt = ("tiny@64", 2, 4, 2, 4, 13, 32)
@@ -251,17 +250,15 @@ def main(argv=None) -> List[dict]:
     if args.sizes:
         sizes = [s for s in sizes if s[0].split("@")[1] in args.sizes]
     dtypes = args.dtypes or (["bfloat16"] if torch.device(device).type == "cuda" else ["float32"])
-    peaks = common.peaks_for(args.out, device, args.smoke)
-    saver = common.Saver(args.out, "kernels", args, budget, device, peaks)
     for dtype_text in dtypes:
         dtype = getattr(torch, dtype_text)
         if "prompt_attention" in args.ops:
             for case in prompt_cases(*prompt, dtype=dtype, device=device, gen=gen):
-                saver.add(run_case(case, device, peaks, args, budget))
+                saver.add(run_case(case, device, saver.peaks, args, budget))
         for label, N in sizes:
             for case in attention_cases(label, B, H, N, d, dtype, device, gen):
                 if case.op in args.ops:
-                    saver.add(run_case(case, device, peaks, args, budget))
+                    saver.add(run_case(case, device, saver.peaks, args, budget))
             common.clear(device)
     path = saver.add([])
     rows = saver.rows

@@ -194,8 +194,3 @@ def _error_message(e: BaseException) -> tuple:
         if isinstance(e, cls):
             return ("error", name, str(e))
     return ("error", "RuntimeError", f"process 0 stopped: {type(e).__name__}: {e}")
-
-
-def current() -> Group:
-    """The processes of the current run (torch.distributed's default group when initialised)."""
-    return Group()
