@@ -503,6 +503,32 @@ class LiveBytes:
         self._mode.__exit__(*exc)
 
 
+# ------------------------------------------------------------------------------- text
+def fmt(x, spec: str = ".2f", none: str = "-") -> str:
+    """A number for a table: floats with spec, None as none."""
+    if x is None:
+        return none
+    if isinstance(x, float):
+        return format(x, spec)
+    return str(x)
+
+
+def status_text(r: dict, limit: int = 120) -> str:
+    """A row's status, with its reason cut to limit characters."""
+    if r["status"] == "ok":
+        return "ok" + (f" ({r['reason'][:limit]})" if r.get("reason") else "")
+    return f"{r['status']}: {(r.get('reason') or '')[:limit]}"
+
+
+def text_table(rows: Sequence[dict], columns: Sequence[tuple]) -> str:
+    """A terminal table of rows: columns (title, alignment and width such as "<24", the row's text
+    as a function of the row), then each row's status."""
+    lines = [" ".join(format(title, spec) for title, spec, _ in columns) + "  status"]
+    for r in rows:
+        lines.append(" ".join(format(text(r), spec) for _, spec, text in columns) + "  " + status_text(r, 60))
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------- arguments
 def base_parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
@@ -555,6 +581,11 @@ def start_run(args, script: str, peaks: bool = False):
     gen = torch.Generator(device=device).manual_seed(args.seed)
     measured = peaks_for(args.out, device, args.smoke) if peaks else None
     return device, budget, gen, Saver(args.out, script, args, budget, device, measured)
+
+
+def ok_row(rows: Sequence[dict], provider: str) -> Optional[dict]:
+    """The row of provider that measured something, or None."""
+    return next((r for r in rows if r["provider"] == provider and r["status"] == "ok"), None)
 
 
 def failure_fields(exc: BaseException) -> dict:

@@ -328,20 +328,17 @@ def main(argv=None) -> List[dict]:
 
 
 def summary(rows: List[dict]) -> str:
-    lines = [f"{'op':<15} {'provider':<16} {'shape':<24} {'ms':>9} {'img/s':>9} {'MB':>9} {'vs timm':>8}  status"]
-    for r in rows:
-        if r["op"] == "max_resolution":
-            lines.append(f"{r['op']:<15} {r['provider']:<16} {r['shape']:<24} max fit {r.get('max_fit_px')} px, "
-                         f"first OOM {r.get('first_oom_px')} px  {r['status']} {r.get('reason') or ''}")
-            continue
-        ms = f"{r['median_ms']:.2f}" if r["median_ms"] is not None else "-"
-        ips = f"{r['images_per_s']:.1f}" if r.get("images_per_s") else "-"
-        mb = f"{r['peak_extra_mb']:.1f}" if r.get("peak_extra_mb") is not None else "-"
-        vt = f"{r['throughput_vs_timm']:.2f}" if r.get("throughput_vs_timm") else "-"
-        status = r["status"] if r["status"] == "ok" else f"{r['status']}: {(r['reason'] or '')[:50]}"
-        lines.append(f"{r['op']:<15} {r['provider']:<16} {r['shape']:<24} {ms:>9} {ips:>9} {mb:>9} {vt:>8}  {status}")
-    return "\n".join(lines)
+    def pixels(x):
+        return "-" if x is None else f"{x} px"
 
+    return common.text_table(rows, [
+        ("op", "<15", lambda r: r["op"]), ("provider", "<16", lambda r: r["provider"]),
+        ("shape", "<24", lambda r: r["shape"]), ("ms", ">9", lambda r: common.fmt(r["median_ms"])),
+        ("img/s", ">9", lambda r: common.fmt(r.get("images_per_s"), ".1f")),
+        ("MB", ">9", lambda r: common.fmt(r.get("peak_extra_mb"), ".1f")),
+        ("vs timm", ">8", lambda r: common.fmt(r.get("throughput_vs_timm"))),
+        ("max fit", ">8", lambda r: pixels(r.get("max_fit_px"))),
+        ("first OOM", ">9", lambda r: pixels(r.get("first_oom_px")))])
 
 if __name__ == "__main__":
     main()

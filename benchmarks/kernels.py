@@ -206,7 +206,7 @@ def run_case(case: Case, device, peaks: dict, args, budget: common.Budget) -> Li
         r.update(common.throughput_fields(ms, case.flops.get(provider), case.nbytes.get(provider), peaks))
         rows.append(r)
         common.clear(device)
-    ref = next((x for x in rows if x["provider"] == "reference" and x["status"] == "ok"), None)
+    ref = common.ok_row(rows, "reference")
     for x in rows:
         if ref is not None and x["status"] == "ok":
             x["speedup_vs_reference"] = ref["median_ms"] / x["median_ms"]
@@ -268,14 +268,12 @@ def main(argv=None) -> List[dict]:
 
 
 def summary(rows: List[dict]) -> str:
-    lines = [f"{'op':<26} {'mode':<8} {'shape':<44} {'provider':<12} {'ms':>9} {'x ref':>7} {'MB':>9}  status"]
-    for r in rows:
-        ms = f"{r['median_ms']:.3f}" if r["median_ms"] is not None else "-"
-        sp = f"{r['speedup_vs_reference']:.2f}" if r["speedup_vs_reference"] else "-"
-        mb = f"{r['peak_extra_mb']:.1f}" if r["peak_extra_mb"] is not None else "-"
-        status = r["status"] if r["status"] == "ok" else f"{r['status']}: {(r['reason'] or '')[:60]}"
-        lines.append(f"{r['op']:<26} {r['mode']:<8} {r['shape'][:44]:<44} {r['provider']:<12} {ms:>9} {sp:>7} {mb:>9}  {status}")
-    return "\n".join(lines)
+    return common.text_table(rows, [
+        ("op", "<26", lambda r: r["op"]), ("mode", "<8", lambda r: r["mode"]),
+        ("shape", "<44", lambda r: r["shape"][:44]), ("provider", "<12", lambda r: r["provider"]),
+        ("ms", ">9", lambda r: common.fmt(r["median_ms"], ".3f")),
+        ("x ref", ">7", lambda r: common.fmt(r["speedup_vs_reference"])),
+        ("MB", ">9", lambda r: common.fmt(r["peak_extra_mb"], ".1f"))])
 
 
 if __name__ == "__main__":

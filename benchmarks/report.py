@@ -13,30 +13,17 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from . import common
+from .common import fmt, status_text
 
 MB = common.MB
 
 
 # --------------------------------------------------------------------------------- formatting
-def fmt(x, spec: str = ".2f", none: str = "-") -> str:
-    if x is None:
-        return none
-    if isinstance(x, float):
-        return format(x, spec)
-    return str(x)
-
-
 def table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
     out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     for r in rows:
         out.append("| " + " | ".join(str(c).replace("|", "/") for c in r) + " |")
     return "\n".join(out)
-
-
-def status_text(r: dict) -> str:
-    if r["status"] == "ok":
-        return "ok" + (f" ({r['reason']})" if r.get("reason") else "")
-    return f"{r['status']}: {(r.get('reason') or '')[:120]}"
 
 
 def pct(x: Optional[float]) -> str:

@@ -423,12 +423,12 @@ def accounting_rows(args, budget: common.Budget) -> List[dict]:
             r.update(common.failure_fields(exc))
         rows.append(r)
         common.clear(device)
-    full = next((r for r in rows if r["provider"] == "full_ft" and r["status"] == "ok"), None)
-    for r in rows:
-        if full is not None and r["status"] == "ok":
-            r["ratio_vs_full_ft"] = r["estimate_bytes"] / full["estimate_bytes"]
-            r["persistent_ratio_vs_full_ft"] = r["persistent_bytes"] / full["persistent_bytes"]
-            r["saved_ratio_vs_full_ft"] = r["saved_bytes"] / full["saved_bytes"]
+    full = common.ok_row(rows, "full_ft")
+    for r in rows if full is not None else ():
+        if r["status"] == "ok":
+            for ratio, figure in (("ratio_vs_full_ft", "estimate_bytes"), ("saved_ratio_vs_full_ft", "saved_bytes"),
+                                  ("persistent_ratio_vs_full_ft", "persistent_bytes")):
+                r[ratio] = r[figure] / full[figure]
     add_efficiency(rows, args.auc, "estimate_bytes")
     return rows
 
@@ -530,14 +530,11 @@ def accounting_summary(rows: List[dict]) -> str:
 
 
 def steps_summary(rows: List[dict]) -> str:
-    lines = [f"{'method':<24} {'shape':<22} {'ms':>9} {'img/s':>9} {'peak MB':>9}  status"]
-    for r in rows:
-        ms = f"{r['median_ms']:.1f}" if r["median_ms"] is not None else "-"
-        ips = f"{r['images_per_s']:.1f}" if r.get("images_per_s") else "-"
-        mb = f"{r['peak_mb']:.0f}" if r.get("peak_mb") else "-"
-        status = r["status"] if r["status"] == "ok" else f"{r['status']}: {(r['reason'] or '')[:50]}"
-        lines.append(f"{r['provider']:<24} {r['shape']:<22} {ms:>9} {ips:>9} {mb:>9}  {status}")
-    return "\n".join(lines)
+    return common.text_table(rows, [
+        ("method", "<24", lambda r: r["provider"]), ("shape", "<22", lambda r: r["shape"]),
+        ("ms", ">9", lambda r: common.fmt(r["median_ms"], ".1f")),
+        ("img/s", ">9", lambda r: common.fmt(r.get("images_per_s"), ".1f")),
+        ("peak MB", ">9", lambda r: common.fmt(r.get("peak_mb"), ".0f"))])
 
 
 if __name__ == "__main__":
