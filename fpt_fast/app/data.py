@@ -428,8 +428,8 @@ class EpochBatches:
         order = order.tolist()
         for start in range(0, self.num_items, self.global_batch_size):
             chunk = order[start:start + self.global_batch_size]
-            share = math.ceil(len(chunk) / self.world_size)
-            yield chunk[self.rank * share:(self.rank + 1) * share]
+            slice_size = math.ceil(len(chunk) / self.world_size)
+            yield chunk[self.rank * slice_size:(self.rank + 1) * slice_size]
 
 
 def make_generator(seed: int) -> torch.Generator:

@@ -42,13 +42,13 @@ def batch_inputs(model: FPT, batch: dict, device: torch.device, side_only: bool
 
 
 def batch_logits(model: FPT, batch: dict, device: torch.device, side_only: bool, autocast: bool,
-                 net: Optional[nn.Module] = None) -> Tensor:
-    """Logits (B, C) float32 of a collated batch. net: the module that runs the learnable part
+                 trainable_module: Optional[nn.Module] = None) -> Tensor:
+    """Logits (B, C) float32 of a collated batch. trainable_module: what runs the learnable part
     (default model.trainable_module(side_only); in training, its DistributedDataParallel wrapper)."""
-    net = net if net is not None else model.trainable_module(side_only)
+    module = trainable_module if trainable_module is not None else model.trainable_module(side_only)
     side, features = batch_inputs(model, batch, device, side_only)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-        logits = net(side) if features is None else net(side, features)
+        logits = module(side) if features is None else module(side, features)
     return logits.float()
 
 
@@ -59,7 +59,7 @@ def predict_probabilities(model: FPT, loader: DataLoader, device: torch.device, 
     """(positions (N,), labels (N,), probabilities (N, C) float64) over a loader, in eval mode.
     ValueError when no image was readable, unless allow_empty (then N may be 0)."""
     model.eval()
-    net = model.trainable_module(side_only)
+    module = model.trainable_module(side_only)
     positions, labels, probabilities = [], [], []
     bar = Progress(progress, description, total=len(loader))
     for batch in loader:
@@ -67,7 +67,7 @@ def predict_probabilities(model: FPT, loader: DataLoader, device: torch.device, 
         bad_images.handle(batch["bad"])
         if len(batch["label"]) == 0:
             continue
-        probabilities.append(batch_logits(model, batch, device, side_only, autocast, net).softmax(-1).double().cpu())
+        probabilities.append(batch_logits(model, batch, device, side_only, autocast, module).softmax(-1).double().cpu())
         positions.append(batch["position"])
         labels.append(batch["label"])
     bar.close()

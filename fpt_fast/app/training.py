@@ -193,7 +193,7 @@ class Trainer:
         self.settings = self._resolve_settings(settings, train_split, store, checkpoint)
         self.features_online = store is None and not settings.train.side_only
 
-        self.model, self.net = self._build_model()
+        self.model, self.trainable_module = self._build_model()
         self.learnable_share = self.model.learnable_share(self.settings.train.side_only)
         self.backbone_digest = weights_sha256(self.model.frozen.backbone)
         self.store = check_store(store, self.settings, self.model, frozen_transform(self.settings, self.model)) \
@@ -233,14 +233,14 @@ class Trainer:
         return settings
 
     def _build_model(self) -> Tuple[FPT, nn.Module]:
-        """(the model, on the device as far as it runs; the module a step runs: its trainable
-        part, wrapped in DistributedDataParallel with several processes)."""
-        side_only = self.settings.train.side_only
+        """(the model, on the device as far as it runs; the module a step runs: the model's
+        trainable module, wrapped in DistributedDataParallel with several processes)."""
         model = place_model(build_model(self.settings, len(self.classes)), self.device, self.features_online)
-        net = model.trainable_module(side_only)
+        module = model.trainable_module(self.settings.train.side_only)
         if self.group.active:  # the frozen branch (and its buffers) stays outside: it is not synchronised
-            net = DistributedDataParallel(net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        return model, net
+            module = DistributedDataParallel(
+                module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        return model, module
 
     def _build_datasets(self, train_split: ImageFolderSplit, val_split: Optional[ImageFolderSplit]
                         ) -> Tuple[FPTDataset, Optional[FPTDataset]]:
@@ -385,7 +385,7 @@ class Trainer:
                 batch = self.placeholder_batch()
                 labels = batch["label"].to(device)
                 weights = torch.zeros(1, device=device)
-            logits = batch_logits(model, batch, device, opts.side_only, self.autocast, self.net)
+            logits = batch_logits(model, batch, device, opts.side_only, self.autocast, self.trainable_module)
             local = (weights * F.cross_entropy(logits, labels, reduction="none")).sum()
             loss = local / weight_total * group.world_size
             self.optimizer.zero_grad(set_to_none=True)
