@@ -201,12 +201,6 @@ def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
 
 
-def free_bytes(device) -> Optional[int]:
-    if torch.device(device).type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    return None
-
-
 def total_bytes(device) -> Optional[int]:
     if torch.device(device).type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory

@@ -82,11 +82,6 @@ def _qkv(B, H, N, d, dtype, device, gen):
     return qkv.permute(2, 0, 3, 1, 4).unbind(0)
 
 
-def fpt_provider(fn_name: str, backend: str) -> Callable:
-    fn = getattr(ops, fn_name)
-    return lambda *a, **kw: fn(*a, backend=backend, **kw)
-
-
 def attention_cases(label: str, B: int, H: int, N: int, d: int, dtype, device, gen) -> List[Case]:
     q, k, v = _qkv(B, H, N, d, dtype, device, gen)
     es = torch.finfo(dtype).bits // 8

@@ -168,7 +168,6 @@ class ImageList:
 
     def __init__(self, root: Union[str, Path], paths: Sequence[Path]):
         self.root = Path(root)
-        self.split = "predict"
         self.samples = [Sample(Path(p).relative_to(self.root).as_posix(), -1) for p in paths]
 
     def __len__(self) -> int:

@@ -14,8 +14,8 @@ Bytes per image: 2 * L * H * n * d * itemsize, against 2 * L * H * n * d * 4 (+ 
 the official per-image fp32 files.
 
 Every file is written to a temporary name and moved into place with os.replace (fpt_fast.app.files),
-so a store never holds a half-written file. A shard is registered in the index only after its file is in place, so
-an interrupted preload resumes with the unfinished shards.
+so a store never holds a half-written file. A shard is registered in the index only after its file
+is in place, so an interrupted preload resumes with the unfinished shards.
 
 Under torchrun (several processes) each process writes whole shards of its own and records them
 in its part file, ``<split>.part-<rank>.json``; once all are done, rank 0 folds the part files into
@@ -62,6 +62,7 @@ VERIFY_TOLERANCE = {"bfloat16": 3 * 2.0 ** -8, "float16": 3 * 2.0 ** -11, "float
 
 
 def read_json(path: Path) -> dict:
+    """A JSON file of the store; ValueError naming it when it is not valid JSON."""
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
@@ -93,6 +94,7 @@ def features_from_records(keys: Tensor, values: Tensor) -> FrozenFeatures:
     return FrozenFeatures(keys.transpose(0, 1), values.transpose(0, 1))
 
 
+# ----------------------------------------------------------------------- dtype conversions
 def to_storage(t: Tensor, dtype: str) -> np.ndarray:
     """t cast to the stored dtype, as the numpy array written to disk (bfloat16 -> uint16 bits)."""
     cast = t.detach().to("cpu", TORCH_DTYPES[dtype]).contiguous()

@@ -188,32 +188,25 @@ class Trainer:
         val_split = ImageFolderSplit(settings.data.root, val_name, self.classes) if val_name else None
         # Rank 0 reads last.pt and hands it to the others: no node but rank 0's needs the file.
         checkpoint = self.group.broadcast_result(lambda: load_checkpoint(self.out_dir / "last.pt")) if resume else None
-        store = FeatureStore(settings.data.store) if settings.data.store is not None and not settings.train.side_only \
-            else None
+        uses_store = settings.data.store is not None and not settings.train.side_only
+        store = FeatureStore(settings.data.store) if uses_store else None
         self.settings = self._resolve_settings(settings, train_split, store, checkpoint)
-        self.features_online = store is None and not settings.train.side_only
+        self.features_online = not uses_store and not settings.train.side_only
 
         self.model, self.trainable_module = self._build_model()
         self.learnable_share = self.model.learnable_share(self.settings.train.side_only)
         self.backbone_digest = weights_sha256(self.model.frozen.backbone)
-        self.store = check_store(store, self.settings, self.model, frozen_transform(self.settings, self.model)) \
-            if store is not None else None
-        self.train_set, self.val_set = self._build_datasets(train_split, val_split)
-        opts = self.settings.train
-        self.batches = EpochBatches(len(self.train_set), opts.batch_size, opts.seed, self.group.rank,
-                                    self.group.world_size)
-        self.trainable_parameters = list(self.model.trainable_parameters(opts.side_only))
-        self.optimizer, self.scheduler = self._build_optimiser()
-        weights = class_weight_tensor(opts.class_weights, train_split.labels(), len(self.classes))
-        self.class_weights = weights.to(self.device) if weights is not None else None
-        self.autocast = opts.amp and self.device.type == "cuda"
+        self.store, self.train_set, self.val_set, self.batches = self._build_data(store, train_split, val_split)
+        self.trainable_parameters, self.optimizer, self.scheduler = self._build_optimiser()
+        self.class_weights = self._build_class_weights(train_split)
+        self.autocast = self.settings.train.amp and self.device.type == "cuda"
 
         self.history: List[dict] = []
         self.best_metric, self.best_epoch, self.start_epoch = -math.inf, -1, 0
         if checkpoint is not None:
             self._restore(checkpoint)
         else:
-            seed = process_seed(opts.seed, self.group.rank)
+            seed = process_seed(self.settings.train.seed, self.group.rank)
             torch.manual_seed(seed)
             if torch.cuda.is_available():
                 torch.cuda.manual_seed_all(seed)
@@ -242,33 +235,44 @@ class Trainer:
                 module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         return model, module
 
-    def _build_datasets(self, train_split: ImageFolderSplit, val_split: Optional[ImageFolderSplit]
-                        ) -> Tuple[FPTDataset, Optional[FPTDataset]]:
-        """The training and validation sets: images for the side network, with the frozen
-        branch's input (features online) or the store's features."""
-        data, seed = self.settings.data, self.settings.train.seed
-        transform = frozen_transform(self.settings, self.model) if self.features_online else None
+    def _build_data(self, store: Optional[FeatureStore], train_split: ImageFolderSplit,
+                    val_split: Optional[ImageFolderSplit]):
+        """(the feature store, its fingerprint checked, or None; the training set; the validation
+        set or None; this process's batches). The sets give the side network's images with the
+        frozen branch's input (features online) or the store's features."""
+        data, opts = self.settings.data, self.settings.train
+        transform = frozen_transform(self.settings, self.model)
+        if store is not None:
+            check_store(store, self.settings, self.model, transform)
 
         def dataset(split: ImageFolderSplit, train_mode: bool) -> FPTDataset:
             side = side_transform(data, self.model.config.side_input_size, train=train_mode)
             split_store: Optional[StoreSplit] = None
-            if self.store is not None:
-                split_store = self.store.split(split.split, [(s.path, s.label) for s in split.samples])
-            return FPTDataset(split, side, transform, split_store, seed=seed)
+            if store is not None:
+                split_store = store.split(split.split, [(s.path, s.label) for s in split.samples])
+            return FPTDataset(split, side, transform if self.features_online else None, split_store, seed=opts.seed)
 
         train_set = dataset(train_split, True)
         if train_set.store is not None:
             self.bad_images.note(train_set.store.left_out_messages())
-        return train_set, dataset(val_split, False) if val_split is not None else None
+        val_set = dataset(val_split, False) if val_split is not None else None
+        batches = EpochBatches(len(train_set), opts.batch_size, opts.seed, self.group.rank, self.group.world_size)
+        return store, train_set, val_set, batches
 
     def _build_optimiser(self):
-        """(AdamW over the trainable parameters, its per-step warm-up + cosine schedule)."""
+        """(the trainable parameters, AdamW over them, its per-step warm-up + cosine schedule)."""
         opts = self.settings.train
-        optimizer = torch.optim.AdamW(self.trainable_parameters, lr=opts.lr, weight_decay=opts.weight_decay)
+        parameters = list(self.model.trainable_parameters(opts.side_only))
+        optimizer = torch.optim.AdamW(parameters, lr=opts.lr, weight_decay=opts.weight_decay)
         steps_per_epoch = len(self.batches)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(
             round(opts.warmup_epochs * steps_per_epoch), steps_per_epoch * opts.epochs))
-        return optimizer, scheduler
+        return parameters, optimizer, scheduler
+
+    def _build_class_weights(self, train_split: ImageFolderSplit) -> Optional[Tensor]:
+        """train.class_weights on the device (None: all classes weigh 1)."""
+        weights = class_weight_tensor(self.settings.train.class_weights, train_split.labels(), len(self.classes))
+        return weights.to(self.device) if weights is not None else None
 
     def _restore(self, checkpoint: dict) -> None:
         self.model.load_trainable_state_dict(checkpoint["model"])
