@@ -201,12 +201,6 @@ def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
 
 
-def free_bytes(device) -> Optional[int]:
-    if torch.device(device).type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    return None
-
-
 def total_bytes(device) -> Optional[int]:
     if torch.device(device).type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
@@ -315,7 +309,7 @@ def peak_extra_bytes(fn: Callable, device) -> Optional[int]:
 
 # ------------------------------------------------------------------------- device peaks
 def measure_peaks(device, smoke: bool = False) -> dict:
-    """The two ceilings of METHOD.md, measured: a large bf16 matmul (TFLOP/s) and a large
+    """The two ceilings a kernel is measured against: a large bf16 matmul (TFLOP/s) and a large
     device-to-device copy (GB/s, bytes read + written). Random data, never zeros."""
     device = torch.device(device)
     label = device_label(device)
@@ -503,6 +497,32 @@ class LiveBytes:
         self._mode.__exit__(*exc)
 
 
+# ------------------------------------------------------------------------------- text
+def fmt(x, spec: str = ".2f", none: str = "-") -> str:
+    """A number for a table: floats with spec, None as none."""
+    if x is None:
+        return none
+    if isinstance(x, float):
+        return format(x, spec)
+    return str(x)
+
+
+def status_text(r: dict, limit: int = 120) -> str:
+    """A row's status, with its reason cut to limit characters."""
+    if r["status"] == "ok":
+        return "ok" + (f" ({r['reason'][:limit]})" if r.get("reason") else "")
+    return f"{r['status']}: {(r.get('reason') or '')[:limit]}"
+
+
+def text_table(rows: Sequence[dict], columns: Sequence[tuple]) -> str:
+    """A terminal table of rows: columns (title, alignment and width such as "<24", the row's text
+    as a function of the row), then each row's status."""
+    lines = [" ".join(format(title, spec) for title, spec, _ in columns) + "  status"]
+    for r in rows:
+        lines.append(" ".join(format(text(r), spec) for _, spec, text in columns) + "  " + status_text(r, 60))
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------- arguments
 def base_parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
@@ -544,10 +564,24 @@ def warn_cpu_timings(device) -> None:
         print("note: timings below are CPU timings (smoke/harness check), not GPU results", file=sys.stderr)
 
 
-def start_run(args):
-    """What every benchmark's main() starts with: (device, budget, seeded generator on the device)."""
+def start_run(args, script: str, peaks: bool = False):
+    """What every benchmark's main() starts with: (device, budget, seeded generator on the device,
+    the Saver of the script's rows). peaks: measure the device's peaks (or reuse those in --out),
+    then in saver.peaks."""
     device = resolve_device(args)
     budget = Budget(args.budget_s)
     warn_cpu_timings(device)
     torch.manual_seed(args.seed)
-    return device, budget, torch.Generator(device=device).manual_seed(args.seed)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    measured = peaks_for(args.out, device, args.smoke) if peaks else None
+    return device, budget, gen, Saver(args.out, script, args, budget, device, measured)
+
+
+def ok_row(rows: Sequence[dict], provider: str) -> Optional[dict]:
+    """The row of provider that measured something, or None."""
+    return next((r for r in rows if r["provider"] == provider and r["status"] == "ok"), None)
+
+
+def failure_fields(exc: BaseException) -> dict:
+    """status ("oom" or "error") and reason of a row whose measurement raised exc."""
+    return {"status": "oom" if is_oom(exc) else "error", "reason": f"{type(exc).__name__}: {str(exc)[:300]}"}

@@ -78,7 +78,7 @@ def num_selected(cfg: FPTConfig, size) -> int:
 
 
 # --------------------------------------------------------------------------- throughput
-def bench_throughput(ex: Extractors, res: int, batch: int, args, peaks, budget, gen) -> List[dict]:
+def bench_throughput(ex: Extractors, res: int, batch: int, args, budget, gen) -> List[dict]:
     device = ex.device
     label = common.device_label(device)
     dtype_text = "bf16-autocast" if ex.dtype == torch.bfloat16 else common.dtype_name(ex.dtype)
@@ -97,7 +97,7 @@ def bench_throughput(ex: Extractors, res: int, batch: int, args, peaks, budget, 
             ms = common.time_ms(fn, device, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
             peak = common.peak_extra_bytes(fn, device)
         except Exception as exc:
-            r.update(status="oom" if common.is_oom(exc) else "error", reason=f"{type(exc).__name__}: {str(exc)[:300]}")
+            r.update(common.failure_fields(exc))
             del exc
             fn = None
             common.clear(device)
@@ -223,7 +223,7 @@ def max_resolution_rows(ex: Extractors, args, budget, gen) -> List[dict]:
             found = search_max_resolution(fits, args.search_start, args.search_cap, granularity=args.search_step,
                                           should_stop=should_stop)
         except Exception as exc:  # a non-OOM failure: recorded, the other provider still runs
-            r.update(status="error", reason=f"{type(exc).__name__}: {str(exc)[:300]}")
+            r.update(common.failure_fields(exc))
             continue
         r.update(found, max_fit_px=found["max_fit"], first_oom_px=found["first_fail"],
                  cap_px=args.search_cap, seconds_per_try={str(k): v for k, v in last.items()})
@@ -307,14 +307,12 @@ def parse_args(argv):
 
 def main(argv=None) -> List[dict]:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    device, budget, gen = common.start_run(args)
-    peaks = common.peaks_for(args.out, device, args.smoke)
-    saver = common.Saver(args.out, "extraction", args, budget, device, peaks)
+    device, budget, gen, saver = common.start_run(args, "extraction", peaks=True)
     for bb in args.backbones if not (args.no_throughput and args.no_search) else []:
         spec = BACKBONES[bb]
         ex = Extractors(spec, device, args.resolutions[0])
         for res in args.resolutions if not args.no_throughput else []:
-            saver.add(bench_throughput(ex, res, args.batch, args, peaks, budget, gen))
+            saver.add(bench_throughput(ex, res, args.batch, args, budget, gen))
         if not args.no_search:
             saver.add(max_resolution_rows(ex, args, budget, gen))
         del ex
@@ -330,20 +328,17 @@ def main(argv=None) -> List[dict]:
 
 
 def summary(rows: List[dict]) -> str:
-    lines = [f"{'op':<15} {'provider':<16} {'shape':<24} {'ms':>9} {'img/s':>9} {'MB':>9} {'vs timm':>8}  status"]
-    for r in rows:
-        if r["op"] == "max_resolution":
-            lines.append(f"{r['op']:<15} {r['provider']:<16} {r['shape']:<24} max fit {r.get('max_fit_px')} px, "
-                         f"first OOM {r.get('first_oom_px')} px  {r['status']} {r.get('reason') or ''}")
-            continue
-        ms = f"{r['median_ms']:.2f}" if r["median_ms"] is not None else "-"
-        ips = f"{r['images_per_s']:.1f}" if r.get("images_per_s") else "-"
-        mb = f"{r['peak_extra_mb']:.1f}" if r.get("peak_extra_mb") is not None else "-"
-        vt = f"{r['throughput_vs_timm']:.2f}" if r.get("throughput_vs_timm") else "-"
-        status = r["status"] if r["status"] == "ok" else f"{r['status']}: {(r['reason'] or '')[:50]}"
-        lines.append(f"{r['op']:<15} {r['provider']:<16} {r['shape']:<24} {ms:>9} {ips:>9} {mb:>9} {vt:>8}  {status}")
-    return "\n".join(lines)
+    def pixels(x):
+        return "-" if x is None else f"{x} px"
 
+    return common.text_table(rows, [
+        ("op", "<15", lambda r: r["op"]), ("provider", "<16", lambda r: r["provider"]),
+        ("shape", "<24", lambda r: r["shape"]), ("ms", ">9", lambda r: common.fmt(r["median_ms"])),
+        ("img/s", ">9", lambda r: common.fmt(r.get("images_per_s"), ".1f")),
+        ("MB", ">9", lambda r: common.fmt(r.get("peak_extra_mb"), ".1f")),
+        ("vs timm", ">8", lambda r: common.fmt(r.get("throughput_vs_timm"))),
+        ("max fit", ">8", lambda r: pixels(r.get("max_fit_px"))),
+        ("first OOM", ">9", lambda r: pixels(r.get("first_oom_px")))])
 
 if __name__ == "__main__":
     main()

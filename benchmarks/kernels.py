@@ -82,11 +82,6 @@ def _qkv(B, H, N, d, dtype, device, gen):
     return qkv.permute(2, 0, 3, 1, 4).unbind(0)
 
 
-def fpt_provider(fn_name: str, backend: str) -> Callable:
-    fn = getattr(ops, fn_name)
-    return lambda *a, **kw: fn(*a, backend=backend, **kw)
-
-
 def attention_cases(label: str, B: int, H: int, N: int, d: int, dtype, device, gen) -> List[Case]:
     q, k, v = _qkv(B, H, N, d, dtype, device, gen)
     es = torch.finfo(dtype).bits // 8
@@ -197,8 +192,7 @@ def run_case(case: Case, device, peaks: dict, args, budget: common.Budget) -> Li
                                 grad_to_none=case.grad_to_none)
             peak = common.peak_extra_bytes(fn, device)
         except Exception as exc:  # an op failing at one size must not end the sweep
-            oom = common.is_oom(exc)
-            r.update(status="oom" if oom else "error", reason=f"{type(exc).__name__}: {str(exc)[:300]}")
+            r.update(common.failure_fields(exc))
             rows.append(r)
             del exc
             common.clear(device)
@@ -207,7 +201,7 @@ def run_case(case: Case, device, peaks: dict, args, budget: common.Budget) -> Li
         r.update(common.throughput_fields(ms, case.flops.get(provider), case.nbytes.get(provider), peaks))
         rows.append(r)
         common.clear(device)
-    ref = next((x for x in rows if x["provider"] == "reference" and x["status"] == "ok"), None)
+    ref = common.ok_row(rows, "reference")
     for x in rows:
         if ref is not None and x["status"] == "ok":
             x["speedup_vs_reference"] = ref["median_ms"] / x["median_ms"]
@@ -236,7 +230,7 @@ def parse_args(argv):
 
 def main(argv=None) -> List[dict]:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    device, budget, gen = common.start_run(args)
+    device, budget, gen, saver = common.start_run(args, "kernels", peaks=True)
     if args.smoke:
         sizes, B, H, d = SMOKE_SIZES, args.batch or 2, 2, 32
         prompt = ("tiny@64", 2, 4, 2, 4, 13, 32)
@@ -251,17 +245,15 @@ def main(argv=None) -> List[dict]:
     if args.sizes:
         sizes = [s for s in sizes if s[0].split("@")[1] in args.sizes]
     dtypes = args.dtypes or (["bfloat16"] if torch.device(device).type == "cuda" else ["float32"])
-    peaks = common.peaks_for(args.out, device, args.smoke)
-    saver = common.Saver(args.out, "kernels", args, budget, device, peaks)
     for dtype_text in dtypes:
         dtype = getattr(torch, dtype_text)
         if "prompt_attention" in args.ops:
             for case in prompt_cases(*prompt, dtype=dtype, device=device, gen=gen):
-                saver.add(run_case(case, device, peaks, args, budget))
+                saver.add(run_case(case, device, saver.peaks, args, budget))
         for label, N in sizes:
             for case in attention_cases(label, B, H, N, d, dtype, device, gen):
                 if case.op in args.ops:
-                    saver.add(run_case(case, device, peaks, args, budget))
+                    saver.add(run_case(case, device, saver.peaks, args, budget))
             common.clear(device)
     path = saver.add([])
     rows = saver.rows
@@ -271,14 +263,12 @@ def main(argv=None) -> List[dict]:
 
 
 def summary(rows: List[dict]) -> str:
-    lines = [f"{'op':<26} {'mode':<8} {'shape':<44} {'provider':<12} {'ms':>9} {'x ref':>7} {'MB':>9}  status"]
-    for r in rows:
-        ms = f"{r['median_ms']:.3f}" if r["median_ms"] is not None else "-"
-        sp = f"{r['speedup_vs_reference']:.2f}" if r["speedup_vs_reference"] else "-"
-        mb = f"{r['peak_extra_mb']:.1f}" if r["peak_extra_mb"] is not None else "-"
-        status = r["status"] if r["status"] == "ok" else f"{r['status']}: {(r['reason'] or '')[:60]}"
-        lines.append(f"{r['op']:<26} {r['mode']:<8} {r['shape'][:44]:<44} {r['provider']:<12} {ms:>9} {sp:>7} {mb:>9}  {status}")
-    return "\n".join(lines)
+    return common.text_table(rows, [
+        ("op", "<26", lambda r: r["op"]), ("mode", "<8", lambda r: r["mode"]),
+        ("shape", "<44", lambda r: r["shape"][:44]), ("provider", "<12", lambda r: r["provider"]),
+        ("ms", ">9", lambda r: common.fmt(r["median_ms"], ".3f")),
+        ("x ref", ">7", lambda r: common.fmt(r["speedup_vs_reference"])),
+        ("MB", ">9", lambda r: common.fmt(r["peak_extra_mb"], ".1f"))])
 
 
 if __name__ == "__main__":

@@ -13,30 +13,17 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from . import common
+from .common import fmt, status_text
 
 MB = common.MB
 
 
 # --------------------------------------------------------------------------------- formatting
-def fmt(x, spec: str = ".2f", none: str = "-") -> str:
-    if x is None:
-        return none
-    if isinstance(x, float):
-        return format(x, spec)
-    return str(x)
-
-
 def table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
     out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     for r in rows:
         out.append("| " + " | ".join(str(c).replace("|", "/") for c in r) + " |")
     return "\n".join(out)
-
-
-def status_text(r: dict) -> str:
-    if r["status"] == "ok":
-        return "ok" + (f" ({r['reason']})" if r.get("reason") else "")
-    return f"{r['status']}: {(r.get('reason') or '')[:120]}"
 
 
 def pct(x: Optional[float]) -> str:
@@ -181,6 +168,27 @@ def kernels_section(rows: List[dict]) -> str:
 
 
 # ---------------------------------------------------------------------------------------- plots
+def _lines(ax, series: Dict, label=str, log_x: bool = False) -> None:
+    """One line with markers per entry of series ({key: [(x, y), ...]}), sorted by x; log-scaled y
+    (and x with log_x, base 2), a grid and a legend."""
+    for key, points in sorted(series.items()):
+        points = sorted(points)
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label(key))
+    if log_x:
+        ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.grid(True, alpha=0.3)
+
+
+def _save(fig, folder: Path, name: str, written: List[str]) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(folder / name, dpi=120)
+    plt.close(fig)
+    written.append(name)
+
+
 def plots(rows: List[dict], folder: Path) -> List[str]:
     """Writes the PNGs; returns their file names. Raises ImportError without matplotlib."""
     import matplotlib
@@ -188,7 +196,7 @@ def plots(rows: List[dict], folder: Path) -> List[str]:
     matplotlib.use("Agg")  # no display on benchmark machines
     import matplotlib.pyplot as plt
 
-    written = []
+    written: List[str] = []
     steps = [r for r in rows if r["op"] == "train_step" and r["status"] == "ok"]
 
     # Peak memory vs resolution per method, at one batch size shared by as many points as possible.
@@ -203,18 +211,11 @@ def plots(rows: List[dict], folder: Path) -> List[str]:
         for r in mem:
             if r["params"]["batch"] == batch:
                 series[r["provider"]].append((r["params"]["resolution"], r["peak_mb"]))
-        for method, pts in sorted(series.items()):
-            pts.sort()
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+        _lines(ax, series)
         ax.set(xlabel="input resolution (px)", ylabel="peak memory (MB, max_memory_allocated)",
                title=f"Training-step peak memory, batch {batch} ({mem[0]['device']})")
-        ax.set_yscale("log")
-        ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(folder / "memory_vs_resolution.png", dpi=120)
-        plt.close(fig)
-        written.append("memory_vs_resolution.png")
+        _save(fig, folder, "memory_vs_resolution.png", written)
 
     if steps:
         resolutions = sorted({r["params"]["resolution"] for r in steps})
@@ -224,19 +225,11 @@ def plots(rows: List[dict], folder: Path) -> List[str]:
             for r in steps:
                 if r["params"]["resolution"] == res:
                     series[r["provider"]].append((r["params"]["batch"], r["images_per_s"]))
-            for method, pts in sorted(series.items()):
-                pts.sort()
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+            _lines(ax, series, log_x=True)
             ax.set(xlabel="batch", ylabel="images / s", title=f"{res} px")
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            ax.grid(True, alpha=0.3)
         axes[0][0].legend(fontsize=7)
         fig.suptitle(f"Training throughput vs batch ({steps[0]['device']})")
-        fig.tight_layout()
-        fig.savefig(folder / "throughput_vs_batch.png", dpi=120)
-        plt.close(fig)
-        written.append("throughput_vs_batch.png")
+        _save(fig, folder, "throughput_vs_batch.png", written)
 
     ker = [r for r in rows if r["op"] in ("token_importance", "attention_with_importance", "select_tokens")
            and r["status"] == "ok" and r.get("speedup_vs_reference") and r["provider"] != "reference"]
@@ -248,20 +241,12 @@ def plots(rows: List[dict], folder: Path) -> List[str]:
             for r in ker:
                 if (r["op"], r["mode"], r["dtype"]) == (op, mode, dtype):
                     series[r["provider"]].append((r["params"]["N"], r["speedup_vs_reference"]))
-            for provider, pts in sorted(series.items()):
-                pts.sort()
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=provider)
+            _lines(ax, series, log_x=True)
             ax.axhline(1.0, color="grey", lw=0.8)
             ax.set(xlabel="tokens N", ylabel="speedup vs reference", title=f"{op} {mode} {dtype}")
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            ax.grid(True, alpha=0.3)
             ax.legend(fontsize=7)
         fig.suptitle(f"Kernel speedups vs size ({ker[0]['device']})")
-        fig.tight_layout()
-        fig.savefig(folder / "kernel_speedup_vs_size.png", dpi=120)
-        plt.close(fig)
-        written.append("kernel_speedup_vs_size.png")
+        _save(fig, folder, "kernel_speedup_vs_size.png", written)
 
     acc = [r for r in rows if r["op"] == "train_memory" and r["status"] == "ok" and r.get("estimate_bytes")]
     if acc:
@@ -282,10 +267,7 @@ def plots(rows: List[dict], folder: Path) -> List[str]:
         ax.set_xlim(min(values) / 2, max(values) * 3)  # room for the labels
         ax.set_xscale("log")
         ax.grid(True, axis="x", alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(folder / "memory_account.png", dpi=120)
-        plt.close(fig)
-        written.append("memory_account.png")
+        _save(fig, folder, "memory_account.png", written)
 
     ext = [r for r in rows if r["op"] == "extract" and r["status"] == "ok"]
     if ext:
@@ -293,18 +275,11 @@ def plots(rows: List[dict], folder: Path) -> List[str]:
         series = defaultdict(list)
         for r in ext:
             series[(r["provider"], r["params"]["model"])].append((r["params"]["resolution"], r["images_per_s"]))
-        for (provider, model), pts in sorted(series.items()):
-            pts.sort()
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{provider} {model}")
+        _lines(ax, series, label=" ".join)
         ax.set(xlabel="input resolution (px)", ylabel="images / s",
                title=f"Frozen-branch extraction throughput ({ext[0]['device']})")
-        ax.set_yscale("log")
-        ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(folder / "extraction_throughput.png", dpi=120)
-        plt.close(fig)
-        written.append("extraction_throughput.png")
+        _save(fig, folder, "extraction_throughput.png", written)
     return written
 
 

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fpt_fast import FPT, FPTConfig, reference
-from fpt_fast.model.fpt import resize_for_side
+from fpt_fast.app.metrics import pme, ppe
+from fpt_fast.model import resize_images
 
 from . import common
 
@@ -124,7 +125,7 @@ class Setup:
         if not self.is_fpt:
             self.inputs = [x_hi]
             return lambda: model(x_hi)
-        x_lo = resize_for_side(x_hi, self.config.side_input_size)
+        x_lo = resize_images(x_hi, self.config.side_input_size)
         if self.preloaded:
             keys, values = self.extract(x_hi)
             del x_hi
@@ -198,16 +199,6 @@ def optimizer_state_bytes(opt) -> int:
 
 
 # ------------------------------------------------------------------------- efficiency metrics
-def ppe(score: float, learnable_share: float) -> float:
-    """Parameter-efficiency-weighted score: score * exp(-log10(r + 1)), r in 0..1."""
-    return score * math.exp(-math.log10(learnable_share + 1))
-
-
-def pme(score: float, memory: float, memory_full: float) -> float:
-    """Memory-efficiency-weighted score: score * exp(-log10(m / m_full + 1))."""
-    return score * math.exp(-math.log10(memory / memory_full + 1))
-
-
 def parse_auc(text: Optional[str]) -> Dict[str, float]:
     """'87.1' (every method) or 'fpt=86.4,fpt+=87.12,full_ft=88.82,lora=85.94'."""
     if not text:
@@ -271,11 +262,10 @@ def _sweep_batches(args, device, budget, gen, spec, res, method, autocast, dtype
                       feature_dtype=args.feature_dtype)
         opt = make_optimizer(setup.trainable)
     except Exception as exc:
-        status = "oom" if common.is_oom(exc) else "error"
-        msg = f"building the model failed: {type(exc).__name__}: {str(exc)[:300]}"
+        failure = common.failure_fields(exc)
         del exc
         for b in args.batches:
-            record(b, status=status, reason=msg)
+            record(b, status=failure["status"], reason=f"building the model failed: {failure['reason']}")
         return rows
     stop_reason = None
     for batch in args.batches:
@@ -296,15 +286,15 @@ def _sweep_batches(args, device, budget, gen, spec, res, method, autocast, dtype
                 torch.cuda.reset_peak_memory_stats(device)
             times = common.step_times_ms(step, device, warmup=args.warmup_steps, reps=args.steps)
         except Exception as exc:
-            failure = ("oom" if common.is_oom(exc) else "error", f"{type(exc).__name__}: {str(exc)[:300]}")
+            failure = common.failure_fields(exc)
             del exc
         if failure is not None:
             opt.zero_grad(set_to_none=True)
             setup.inputs = []
             forward = step = None
             common.clear(device)
-            record(batch, status=failure[0], reason=failure[1])
-            stop_reason = f"a smaller batch failed ({failure[0]})"
+            record(batch, **failure)
+            stop_reason = f"a smaller batch failed ({failure['status']})"
             continue
         ms = sorted(times)[len(times) // 2]
         peak = torch.cuda.max_memory_allocated(device) / common.MB if device.type == "cuda" else None
@@ -430,15 +420,15 @@ def accounting_rows(args, budget: common.Budget) -> List[dict]:
                              device=device, seed=args.seed, lora_rank=args.lora_rank, op_backend=fusion_backend,
                              side_size=args.side_size, feature_dtype=args.feature_dtype))
         except Exception as exc:  # one method failing must not lose the others' figures
-            r.update(status="error", reason=f"{type(exc).__name__}: {str(exc)[:300]}")
+            r.update(common.failure_fields(exc))
         rows.append(r)
         common.clear(device)
-    full = next((r for r in rows if r["provider"] == "full_ft" and r["status"] == "ok"), None)
-    for r in rows:
-        if full is not None and r["status"] == "ok":
-            r["ratio_vs_full_ft"] = r["estimate_bytes"] / full["estimate_bytes"]
-            r["persistent_ratio_vs_full_ft"] = r["persistent_bytes"] / full["persistent_bytes"]
-            r["saved_ratio_vs_full_ft"] = r["saved_bytes"] / full["saved_bytes"]
+    full = common.ok_row(rows, "full_ft")
+    for r in rows if full is not None else ():
+        if r["status"] == "ok":
+            for ratio, figure in (("ratio_vs_full_ft", "estimate_bytes"), ("saved_ratio_vs_full_ft", "saved_bytes"),
+                                  ("persistent_ratio_vs_full_ft", "persistent_bytes")):
+                r[ratio] = r[figure] / full[figure]
     add_efficiency(rows, args.auc, "estimate_bytes")
     return rows
 
@@ -504,8 +494,7 @@ def parse_args(argv):
 
 def main(argv=None) -> List[dict]:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    device, budget, gen = common.start_run(args)
-    saver = common.Saver(args.out, "training", args, budget, device)
+    device, budget, gen, saver = common.start_run(args, "training")
     if not args.no_accounting:
         saver.add(accounting_rows(args, budget))
         print(accounting_summary(saver.rows))
@@ -541,14 +530,11 @@ def accounting_summary(rows: List[dict]) -> str:
 
 
 def steps_summary(rows: List[dict]) -> str:
-    lines = [f"{'method':<24} {'shape':<22} {'ms':>9} {'img/s':>9} {'peak MB':>9}  status"]
-    for r in rows:
-        ms = f"{r['median_ms']:.1f}" if r["median_ms"] is not None else "-"
-        ips = f"{r['images_per_s']:.1f}" if r.get("images_per_s") else "-"
-        mb = f"{r['peak_mb']:.0f}" if r.get("peak_mb") else "-"
-        status = r["status"] if r["status"] == "ok" else f"{r['status']}: {(r['reason'] or '')[:50]}"
-        lines.append(f"{r['provider']:<24} {r['shape']:<22} {ms:>9} {ips:>9} {mb:>9}  {status}")
-    return "\n".join(lines)
+    return common.text_table(rows, [
+        ("method", "<24", lambda r: r["provider"]), ("shape", "<22", lambda r: r["shape"]),
+        ("ms", ">9", lambda r: common.fmt(r["median_ms"], ".1f")),
+        ("img/s", ">9", lambda r: common.fmt(r.get("images_per_s"), ".1f")),
+        ("peak MB", ">9", lambda r: common.fmt(r.get("peak_mb"), ".0f"))])
 
 
 if __name__ == "__main__":

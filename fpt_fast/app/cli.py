@@ -84,23 +84,18 @@ def _settings(args, base: Optional[dict] = None) -> Settings:
 def _checkpoint_settings(args, checkpoint_path: str):
     """Settings for a checkpoint: its own, under the config file and --set. The model must stay
     the checkpoint's (an explicit different model setting is an error); "auto" mean/std are its."""
-    from .train import load_checkpoint
+    from .checkpoints import load_checkpoint, with_checkpoint_normalization
 
-    payload = load_checkpoint(checkpoint_path)
-    settings = _settings(args, base=payload["settings"])
-    stored = Settings.from_tree(payload["settings"])
-    num_classes = len(payload["classes"])
+    checkpoint = load_checkpoint(checkpoint_path)
+    settings = _settings(args, base=checkpoint["settings"])
+    stored = Settings.from_tree(checkpoint["settings"])
+    num_classes = len(checkpoint["classes"])
     now, then = settings.fpt_config(num_classes).to_dict(), stored.fpt_config(num_classes).to_dict()
     changed = [k for k in now if now[k] != then[k]]
     if changed:
         raise ValueError(f"model settings differ from the checkpoint's ({checkpoint_path}): " + "; ".join(
             f"model.{k}: {then[k]!r} in the checkpoint, {now[k]!r} now" for k in changed))
-    settings = settings.replace("model", **stored.model)
-    data = settings.data
-    if "auto" in (data.mean, data.std):
-        settings = settings.replace("data", mean=stored.data.mean if data.mean == "auto" else data.mean,
-                                    std=stored.data.std if data.std == "auto" else data.std)
-    return settings
+    return with_checkpoint_normalization(settings.replace("model", **stored.model), checkpoint)
 
 
 def _print_config(settings: Settings) -> int:
@@ -131,7 +126,7 @@ def _single_process(command: str) -> None:
 
 
 def run_preload(args) -> int:
-    from .train import preload, verify_store
+    from .preloading import preload, verify_store
 
     settings = _settings(args)
     if args.print_config:
@@ -141,12 +136,12 @@ def run_preload(args) -> int:
         if not args.verify:
             return 0
         # Rank 0 checks the finished store; every process exits with its verdict.
-        group = distributed.current()
+        group = distributed.Group()
         return 0 if group.broadcast_result(lambda: verify_store(settings, recompute=args.recompute).ok) else 1
 
 
 def run_train(args) -> int:
-    from .train import train
+    from .training import train
 
     settings = _settings(args)
     if args.print_config:
@@ -160,7 +155,7 @@ def run_train(args) -> int:
 
 
 def run_evaluate(args) -> int:
-    from .train import evaluate
+    from .evaluation import evaluate
 
     _single_process("evaluate")
     checkpoint = args.checkpoint
@@ -174,7 +169,7 @@ def run_evaluate(args) -> int:
 
 
 def run_predict(args) -> int:
-    from .train import predict
+    from .evaluation import predict
 
     _single_process("predict")
     settings = _checkpoint_settings(args, args.checkpoint)

@@ -8,7 +8,11 @@ Two transforms per image (docs/method.md, sections 3 and 6):
 - frozen branch: resize to model.image_size, normalise; never augmented (so it can be preloaded).
 - side network: train: random resized crop to side_input_size, horizontal flip, colour jitter,
   normalise; eval: resize to side_input_size, normalise.
-All resizes are bilinear with antialiasing (as fpt_fast.model.resize_for_side).
+All resizes are bilinear with antialiasing (fpt_fast.model.resize_images, as FPT resizes its side input).
+
+Unreadable images follow one policy (BadImages): stop with a BadImageError naming the file, or
+(data.skip_bad_images) leave them out and list them at the end. Every DataLoader is made by
+make_loader.
 
 Augmentation randomness is a pure function of (seed, epoch, sample position), and the order of
 an epoch a function of (seed, epoch) (EpochBatches), so a run gives the same batches whatever the
@@ -23,20 +27,52 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import ColorJitter, RandomResizedCrop
 
+from ..model.fpt import RESIZE_METHOD, resize_images
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".gif")
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
-SPLITS = ("train", "val", "test")
-RESIZE_METHOD = "bilinear-antialias"
 
 
 class BadImageError(ValueError):
     """An image file that cannot be decoded; the message names the file."""
+
+
+class BadImages:
+    """The policy for unreadable images: stop at the first (its BadImageError), or, with skip,
+    leave them out and keep their messages, each once, for the report at the end (messages)."""
+
+    def __init__(self, skip: bool):
+        self.skip = skip
+        self.messages: List[str] = []
+
+    def handle(self, bad: Sequence["BadSample"]) -> None:
+        """Applies the policy to the BadSamples of a batch."""
+        for sample in bad:
+            if not self.skip:
+                raise BadImageError(sample.reason)
+            self.note([sample.reason])
+
+    def note(self, messages: Sequence[str]) -> None:
+        """Records images left out elsewhere (e.g. when the store was preloaded)."""
+        for message in messages:
+            if message not in self.messages:
+                self.messages.append(message)
+
+    def report(self) -> str:
+        """What was left out, for the end of a run ("" when nothing was)."""
+        return describe_left_out(self.messages)
+
+
+def describe_left_out(messages: Sequence[str]) -> str:
+    """"N unreadable image(s) were left out:" and one message a line ("" when there are none)."""
+    if not messages:
+        return ""
+    return f"{len(messages)} unreadable image(s) were left out:\n  " + "\n  ".join(messages)
 
 
 # --------------------------------------------------------------------------------- decoding
@@ -132,7 +168,6 @@ class ImageList:
 
     def __init__(self, root: Union[str, Path], paths: Sequence[Path]):
         self.root = Path(root)
-        self.split = "predict"
         self.samples = [Sample(Path(p).relative_to(self.root).as_posix(), -1) for p in paths]
 
     def __len__(self) -> int:
@@ -143,15 +178,6 @@ class ImageList:
 
 
 # ------------------------------------------------------------------------------- transforms
-def resize(image: Tensor, size: Tuple[int, int]) -> Tensor:
-    """Bilinear antialiased resize of (C, H, W) or (B, C, H, W) to size (h, w)."""
-    if tuple(image.shape[-2:]) == tuple(size):
-        return image
-    batched = image if image.dim() == 4 else image[None]
-    out = F.interpolate(batched, size=tuple(size), mode="bilinear", align_corners=False, antialias=True)
-    return out if image.dim() == 4 else out[0]
-
-
 def _channel_tensor(values: Sequence[float], name: str) -> Tensor:
     if len(values) != 3:
         raise ValueError(f"{name} must have 3 (RGB) values, got {list(values)}")
@@ -168,7 +194,7 @@ class FrozenTransform:
             raise ValueError(f"std must be positive, got {self.std.flatten().tolist()}")
 
     def __call__(self, image: Tensor) -> Tensor:
-        return (resize(image, self.size) - self.mean) / self.std
+        return (resize_images(image, self.size) - self.mean) / self.std
 
     def description(self) -> dict:
         """What determines this transform's output (part of the feature-store fingerprint)."""
@@ -199,10 +225,10 @@ class SideTransform:
 
     def __call__(self, image: Tensor) -> Tensor:
         if not self.train:
-            return (resize(image, self.size) - self.mean) / self.std
+            return (resize_images(image, self.size) - self.mean) / self.std
         # Crop first: flipping and jittering the small result is cheaper than the full image.
         top, left, height, width = RandomResizedCrop.get_params(image, list(self.crop_scale), list(self.crop_ratio))
-        x = resize(image[:, top:top + height, left:left + width], self.size)
+        x = resize_images(image[:, top:top + height, left:left + width], self.size)
         if torch.rand(()) < self.hflip_prob:
             x = x.flip(-1)
         if self.jitter is not None:
@@ -210,9 +236,10 @@ class SideTransform:
         return (x - self.mean) / self.std
 
 
-def side_transform(settings, size: Tuple[int, int], mean, std, train: bool) -> SideTransform:
-    """SideTransform from DataSettings' augmentation keys."""
-    return SideTransform(size, mean, std, train, hflip_prob=settings.hflip_prob, brightness=settings.brightness,
+def side_transform(settings, size: Tuple[int, int], train: bool) -> SideTransform:
+    """SideTransform from DataSettings: mean and std (numbers by now) and the augmentation keys."""
+    return SideTransform(size, settings.mean, settings.std, train, hflip_prob=settings.hflip_prob,
+                         brightness=settings.brightness,
                          contrast=settings.contrast, saturation=settings.saturation, hue=settings.hue,
                          crop_scale=settings.crop_scale, crop_ratio=settings.crop_ratio)
 
@@ -244,7 +271,8 @@ class FPTDataset(Dataset):
         side: SideTransform, or None when the side input is not needed.
         frozen: FrozenTransform, or None.
         store: a fpt_fast.app.store.StoreSplit with the split's features, or None.
-        positions: the sample positions this dataset serves (default: all).
+        positions: the sample positions this dataset serves (default: all, or with a store all it
+            holds features of).
         seed: base seed of the augmentation.
     """
 
@@ -254,7 +282,9 @@ class FPTDataset(Dataset):
         self.side = side
         self.frozen = frozen
         self.store = store
-        self.positions = list(range(len(split))) if positions is None else list(positions)
+        if positions is None:
+            positions = store.present_positions() if store is not None else range(len(split))
+        self.positions = list(positions)
         self.seed = seed
         self.epoch = 0
 
@@ -287,19 +317,35 @@ class FPTDataset(Dataset):
 
 
 def collate(items: List) -> Dict[str, object]:
-    """Stacks the good items; "bad" lists the BadSamples. Tensors keep the item layout (B first)."""
+    """Stacks the good items; "bad" lists the BadSamples; "position" and "label" are always there
+    (empty when every item is bad). Tensors keep the item layout (B first)."""
     good = [i for i in items if not isinstance(i, BadSample)]
     batch: Dict[str, object] = {"bad": [i for i in items if isinstance(i, BadSample)]}
     batch["position"] = torch.tensor([i["position"] for i in good], dtype=torch.long)
     batch["label"] = torch.tensor([i["label"] for i in good], dtype=torch.long)
-    for key in ("side", "frozen", "keys", "values"):
-        if good and key in good[0]:
+    for key in good[0] if good else ():
+        if key not in ("position", "label"):
             batch[key] = torch.stack([i[key] for i in good])
     return batch
 
 
+def make_loader(dataset: Dataset, batch_size: Optional[int] = None, num_workers: int = 0,
+                device: torch.device = torch.device("cpu"), sampler: Optional[Sequence[int]] = None,
+                batch_sampler: Optional["EpochBatches"] = None) -> DataLoader:
+    """Batches (collate) of dataset, in order, of the indices ``sampler`` yields when given; or
+    the batches of ``batch_sampler``. Pinned memory for a CUDA device. The loader's generator
+    only seeds its workers (augmentation is seeded per sample), and leaves the global RNG alone."""
+    pin_memory = device.type == "cuda"
+    if batch_sampler is not None:
+        return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=num_workers, collate_fn=collate,
+                          generator=make_generator(batch_sampler.seed), pin_memory=pin_memory)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                      collate_fn=collate, generator=make_generator(0), pin_memory=pin_memory)
+
+
 class _PixelStatistics(Dataset):
-    """(position, per-image channel sums at the frozen input size), for computing mean/std."""
+    """Items "position", "label" and "pixel_sums" (2, 3) float64: the per-channel sums of the
+    pixels and of their squares, at the frozen input size; for computing mean/std."""
 
     def __init__(self, split: ImageFolderSplit, size: Tuple[int, int]):
         self.split, self.size = split, size
@@ -309,46 +355,43 @@ class _PixelStatistics(Dataset):
 
     def __getitem__(self, position: int):
         try:
-            image = resize(load_image(self.split.path(position)), self.size).double()
+            image = resize_images(load_image(self.split.path(position)), self.size).double()
         except BadImageError as e:
-            return position, BadSample(position, str(self.split.path(position)), str(e))
-        return position, torch.stack([image.sum(dim=(1, 2)), (image * image).sum(dim=(1, 2))])
+            return BadSample(position, str(self.split.path(position)), str(e))
+        return {"position": position, "label": self.split.samples[position].label,
+                "pixel_sums": torch.stack([image.sum(dim=(1, 2)), (image * image).sum(dim=(1, 2))])}
 
 
-def _as_list(items: List) -> List:
-    return items
-
-
-def compute_mean_std(split: ImageFolderSplit, size: Tuple[int, int], num_workers: int = 0,
-                     skip_bad_images: bool = False, group=None) -> Tuple[List[float], List[float], List[str]]:
+def compute_mean_std(split: ImageFolderSplit, size: Tuple[int, int], bad_images: BadImages, num_workers: int = 0,
+                     group=None) -> Tuple[List[float], List[float]]:
     """RGB mean and std of the split's pixels after resizing to size (the frozen input).
 
     group: the processes of a torchrun run (fpt_fast.app.distributed.Group) or None. Each process
     reads every world_size-th image; the per-image sums are gathered and added in position order
-    on every process, so all of them get the single-process result bit for bit.
-    Returns (mean, std, bad image messages). BadImageError on an unreadable image unless skipping.
+    on every process, so all of them get the single-process result bit for bit. Unreadable images
+    go to bad_images on every process, after the gathering (so that all stop alike).
     """
     rank, world_size = (group.rank, group.world_size) if group is not None else (0, 1)
-    loader = DataLoader(_PixelStatistics(split, size), batch_size=16, num_workers=num_workers,
-                        sampler=range(rank, len(split), world_size), collate_fn=_as_list)
-    sums = [item for items in loader for item in items]
+    sums, bad = [], []
+    for batch in make_loader(_PixelStatistics(split, size), 16, num_workers,
+                             sampler=range(rank, len(split), world_size)):
+        sums += zip(batch["position"].tolist(), batch["pixel_sums"]) if len(batch["position"]) else []
+        bad += batch["bad"]
     if world_size > 1:
-        sums = sorted((item for part in group.all_gather_object(sums) for item in part), key=lambda item: item[0])
+        parts = group.all_gather_object((sums, bad))
+        sums = [item for part, _ in parts for item in part]
+        bad = [sample for _, part in parts for sample in part]
+    bad_images.handle(sorted(bad, key=lambda sample: sample.position))
     total = torch.zeros(2, 3, dtype=torch.float64)
-    count, bad = 0, []
-    for _, item in sums:
-        if isinstance(item, BadSample):
-            if not skip_bad_images:
-                raise BadImageError(item.reason)  # after the gather: every process stops alike
-            bad.append(item.reason)
-            continue
-        total += item
+    count = 0
+    for _, pixel_sums in sorted(sums, key=lambda item: item[0]):
+        total += pixel_sums
         count += size[0] * size[1]
     if count == 0:
         raise ValueError(f"no readable image in {str(split.root / split.split)!r} to compute mean/std from")
     mean = total[0] / count
     std = (total[1] / count - mean * mean).clamp_min(0).sqrt()
-    return mean.tolist(), [max(float(s), 1e-6) for s in std.tolist()], bad
+    return mean.tolist(), [max(float(s), 1e-6) for s in std.tolist()]
 
 
 class EpochBatches:
@@ -384,8 +427,8 @@ class EpochBatches:
         order = order.tolist()
         for start in range(0, self.num_items, self.global_batch_size):
             chunk = order[start:start + self.global_batch_size]
-            share = math.ceil(len(chunk) / self.world_size)
-            yield chunk[self.rank * share:(self.rank + 1) * share]
+            slice_size = math.ceil(len(chunk) / self.world_size)
+            yield chunk[self.rank * slice_size:(self.rank + 1) * slice_size]
 
 
 def make_generator(seed: int) -> torch.Generator:

@@ -125,7 +125,9 @@ def run_demo(out: Path = Path("fpt_demo"), epochs: Optional[int] = None, seed: i
              images_per_class: Optional[Dict[str, int]] = None, log=print) -> DemoReport:
     """Generates the data, preloads, trains FPT and the side network alone, evaluates both on the
     test split and prints the comparison. images_per_class: per split (default IMAGES_PER_CLASS)."""
-    from .train import evaluate, preload, train
+    from .evaluation import evaluate
+    from .preloading import preload
+    from .training import train
 
     start = time.perf_counter()
     out = Path(out)

@@ -16,6 +16,7 @@ error on rank 0 is raised on every process instead of leaving the others waiting
 """
 from __future__ import annotations
 
+import gc
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -126,6 +127,10 @@ def process_group(device_name: str) -> Iterator[Optional[TorchrunEnv]]:
     try:
         yield env
     finally:
+        # A DistributedDataParallel kept alive by a reference cycle (a caught exception's traceback
+        # holds the frames of the step that raised it) must go while its group still exists, not
+        # at interpreter exit, where tearing it down after the group can abort the process.
+        gc.collect()
         dist.destroy_process_group()
 
 
@@ -164,14 +169,14 @@ class Group:
     def broadcast_result(self, fn: Callable[[], T]) -> T:
         """fn() run on rank 0 only; its result (or its error) handed to every process. The others
         wait meanwhile (e.g. while rank 0 writes a checkpoint)."""
-        return self._main_then_others(fn, share=True)
+        return self._main_then_others(fn, hand_over_result=True)
 
     def main_first(self, fn: Callable[[], T]) -> T:
         """fn() on rank 0 and, once it succeeded there, on every other process (e.g. rank 0
         creates a file the others then open); an error on rank 0 is raised on every process."""
-        return self._main_then_others(fn, share=False)
+        return self._main_then_others(fn, hand_over_result=False)
 
-    def _main_then_others(self, fn: Callable[[], T], share: bool) -> T:
+    def _main_then_others(self, fn: Callable[[], T], hand_over_result: bool) -> T:
         if not self.active:
             return fn()
         if self.is_main:
@@ -180,13 +185,13 @@ class Group:
             except BaseException as e:
                 dist.broadcast_object_list([_error_message(e)], src=0)
                 raise
-            dist.broadcast_object_list([("ok", result if share else None)], src=0)
+            dist.broadcast_object_list([("ok", result if hand_over_result else None)], src=0)
             return result
         box = [None]
         dist.broadcast_object_list(box, src=0)
         if box[0][0] == "error":
             raise CARRIED_ERRORS.get(box[0][1], RuntimeError)(box[0][2])
-        return box[0][1] if share else fn()
+        return box[0][1] if hand_over_result else fn()
 
 
 def _error_message(e: BaseException) -> tuple:
@@ -194,8 +199,3 @@ def _error_message(e: BaseException) -> tuple:
         if isinstance(e, cls):
             return ("error", name, str(e))
     return ("error", "RuntimeError", f"process 0 stopped: {type(e).__name__}: {e}")
-
-
-def current() -> Group:
-    """The processes of the current run (torch.distributed's default group when initialised)."""
-    return Group()

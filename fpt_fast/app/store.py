@@ -13,9 +13,9 @@ shards through numpy memory maps (big sequential blocks, shared page cache acros
 Bytes per image: 2 * L * H * n * d * itemsize, against 2 * L * H * n * d * 4 (+ a file each) for
 the official per-image fp32 files.
 
-Every file is written to a temporary name and moved into place with os.replace, so a store never
-holds a half-written file. A shard is registered in the index only after its file is in place, so
-an interrupted preload resumes with the unfinished shards.
+Every file is written to a temporary name and moved into place with os.replace (fpt_fast.app.files),
+so a store never holds a half-written file. A shard is registered in the index only after its file
+is in place, so an interrupted preload resumes with the unfinished shards.
 
 Under torchrun (several processes) each process writes whole shards of its own and records them
 in its part file, ``<split>.part-<rank>.json``; once all are done, rank 0 folds the part files into
@@ -25,23 +25,28 @@ files of the interrupted one in first, so each shard is computed once.
 The fingerprint records everything that determines the features (backbone, hash of its weights,
 input size, extracted layers, token ratio, importance, compute and stored dtypes, the transform);
 opening a store with a different fingerprint is an error that names both sides.
+
+The preloading job that fills a store (which images, in which process) is fpt_fast.app.preloading.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
 import os
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+from ..model import FrozenFeatures
+from .data import load_image
+from .files import atomic_write_json
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -56,39 +61,37 @@ TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32":
 VERIFY_TOLERANCE = {"bfloat16": 3 * 2.0 ** -8, "float16": 3 * 2.0 ** -11, "float32": 1e-4}
 
 
-# --------------------------------------------------------------------------- atomic writes
-@contextlib.contextmanager
-def atomic_open(path: Union[str, Path]) -> Iterator[BinaryIO]:
-    """A binary file that appears at path only once it is completely written and synced: writes go
-    to a temporary file in the same folder, renamed into place with os.replace on success."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def atomic_write_bytes(path: Union[str, Path], data: bytes) -> None:
-    with atomic_open(path) as f:
-        f.write(data)
-
-
-def atomic_write_json(path: Union[str, Path], obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode("utf-8"))
-
-
 def read_json(path: Path) -> dict:
+    """A JSON file of the store; ValueError naming it when it is not valid JSON."""
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"{str(path)!r} is not valid JSON ({e}); the store is damaged") from None
+
+
+# ------------------------------------------------------------------------------- records
+def record_shape(feature_shape: Sequence[int]) -> Tuple[int, ...]:
+    """(2, L, H, n, d): one sample's keys, then its values."""
+    return (2,) + tuple(int(s) for s in feature_shape)
+
+
+def record_bytes(feature_shape: Sequence[int], dtype: str) -> int:
+    """Bytes of one sample's record in the stored dtype (with "float32": an official per-image file's
+    payload)."""
+    return math.prod(record_shape(feature_shape)) * STORAGE[dtype].itemsize
+
+
+def records_from_features(features: Tuple[Tensor, Tensor]) -> Tensor:
+    """The records (B, 2, L, H, n, d) of features (keys, values), each (L, B, H, n, d)."""
+    keys, values = features
+    return torch.stack([keys, values]).permute(2, 0, 1, 3, 4, 5)
+
+
+def features_from_records(keys: Tensor, values: Tensor) -> FrozenFeatures:
+    """Keys and values of a batch of records, each (B, L, H, n, d) -> FrozenFeatures, each
+    (L, B, H, n, d): the layout FPT.forward_from_features takes (a view, no copy)."""
+    return FrozenFeatures(keys.transpose(0, 1), values.transpose(0, 1))
 
 
 # ----------------------------------------------------------------------- dtype conversions
@@ -177,8 +180,12 @@ class StoreSplit:
         return len(self.samples)
 
     @property
-    def record_shape(self) -> Tuple[int, ...]:
-        return (2,) + self.feature_shape
+    def record_bytes(self) -> int:
+        return record_bytes(self.feature_shape, self.dtype)
+
+    def left_out_messages(self) -> List[str]:
+        """The images left out as unreadable when the split was preloaded, one message each."""
+        return [f"{self.samples[p][0]} (left out when preloaded)" for p in self.left_out]
 
     def present_positions(self) -> List[int]:
         """Positions whose features are stored (all but the images left out as unreadable)."""
@@ -190,7 +197,7 @@ class StoreSplit:
         if k not in self._maps:
             shard = self.shards[k]
             self._maps[k] = np.memmap(self.root / shard["file"], dtype=STORAGE[self.dtype], mode="r",
-                                      shape=(shard["count"],) + self.record_shape)
+                                      shape=(shard["count"],) + record_shape(self.feature_shape))
         return self._maps[k]
 
     def read_record(self, position: int) -> np.ndarray:
@@ -207,10 +214,10 @@ class StoreSplit:
         record = from_storage(self.read_record(position), self.dtype)
         return record[0], record[1]
 
-    def read_batch(self, positions: Sequence[int]) -> Tuple[Tensor, Tensor]:
-        """keys, values of several samples, each (L, B, H, n, d): the layout FPT.forward_from_features takes."""
+    def read_batch(self, positions: Sequence[int]) -> FrozenFeatures:
+        """The features of several samples, each (L, B, H, n, d) in the stored dtype."""
         records = from_storage(np.stack([self.read_record(p) for p in positions]), self.dtype, copy=False)
-        return records[:, 0].transpose(0, 1), records[:, 1].transpose(0, 1)
+        return features_from_records(records[:, 0], records[:, 1])
 
 
 class FeatureStore:
@@ -243,8 +250,9 @@ class FeatureStore:
     def classes(self) -> List[str]:
         return list(self.manifest["classes"])
 
+    @property
     def record_bytes(self) -> int:
-        return 2 * math.prod(self.feature_shape) * STORAGE[self.dtype].itemsize
+        return record_bytes(self.feature_shape, self.dtype)
 
     def splits(self) -> List[str]:
         return sorted(p.name[: -len(".index.json")] for p in self.root.glob("*.index.json"))
@@ -285,16 +293,6 @@ def check_same_samples(split: str, stored: Sequence[tuple], current: Sequence[tu
 
 
 # ------------------------------------------------------------------------------- writing
-@dataclass
-class SplitReport:
-    split: str
-    samples: int
-    shards_written: int
-    shards_reused: int
-    seconds: float
-    left_out: List[str] = field(default_factory=list)
-
-
 class StoreWriter:
     """Creates or continues a store. One instance per preload run."""
 
@@ -304,7 +302,7 @@ class StoreWriter:
         self.fingerprint = run_fingerprint
         self.feature_shape = tuple(int(s) for s in feature_shape)
         self.dtype = run_fingerprint["stored_dtype"]
-        self.record_bytes = 2 * math.prod(self.feature_shape) * STORAGE[self.dtype].itemsize
+        self.record_bytes = record_bytes(self.feature_shape, self.dtype)
         if not shard_mb > 0:
             raise ValueError(f"setting preload.shard_mb={shard_mb!r} must be positive")
         self.samples_per_shard = max(1, int(shard_mb * 2 ** 20) // self.record_bytes)
@@ -432,110 +430,7 @@ class StoreWriter:
         return index
 
 
-def preload_split(model, writer: StoreWriter, split, transform, device: torch.device, batch_size: int,
-                  num_workers: int = 0, skip_bad_images: bool = False, progress: bool = False,
-                  group=None) -> SplitReport:
-    """Computes and stores the features of one ImageFolderSplit, continuing an interrupted run.
-
-    BadImageError on an unreadable image unless skip_bad_images (then its record is zeros, its
-    position is recorded as left out, and its message is in the report). Finished shards stay valid.
-
-    group: the processes of a torchrun preload (fpt_fast.app.distributed.Group), or None. The shards
-    still to write are dealt out round-robin; each process writes its own, records them in its
-    part file, and rank 0 merges the part files into the index once all are done. Every process
-    gets the report of the whole split.
-    """
-    from torch.utils.data import DataLoader
-
-    from .data import BadImageError, FPTDataset, collate
-    from .distributed import Group
-
-    group = group or Group()
-    start_time = time.perf_counter()
-    samples = [(s.path, s.label) for s in split.samples]
-    index = group.main_first(lambda: writer.open_index(split.split, samples) if group.is_main
-                             else writer.read_index(split.split, samples))
-    per_shard = index["samples_per_shard"]
-    total_shards = writer.num_shards(len(samples), per_shard)
-    done = {shard["start"] // per_shard for shard in index["shards"]}
-    todo = [k for k in range(total_shards) if k not in done]
-    mine = todo[group.rank::group.world_size]
-    part = group.rank if group.active else None
-    left_out: List[Tuple[int, str]] = []
-    error = None
-    if mine:
-        positions = [p for k in mine for p in range(k * per_shard, min((k + 1) * per_shard, len(samples)))]
-        dataset = FPTDataset(split, side=None, frozen=transform, positions=positions)
-        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                            collate_fn=collate, pin_memory=device.type == "cuda")
-        bar = _progress_bar(progress and group.is_main, len(positions), f"preload {split.split}")
-        shard = None
-        try:
-            for batch in loader:
-                records, bad = _batch_records(model, batch, device, writer)
-                for b in bad:
-                    if not skip_bad_images:
-                        raise BadImageError(b.reason)
-                    left_out.append((b.position, b.reason))
-                # Positions ascend within a process's shards, and each shard's are all there.
-                for position in sorted(records):
-                    k, offset = divmod(position, per_shard)
-                    if shard is None:
-                        shard = _ShardFile(writer.root, split.split, k, writer.record_bytes)
-                    shard.write(records[position], position)
-                    count = min(per_shard, len(samples) - k * per_shard)
-                    if offset == count - 1:
-                        shard.close()
-                        writer.commit_shard(index, k, shard.tmp, count, shard.digest.hexdigest(), shard.left_out,
-                                            part=part)
-                        shard = None
-                if bar is not None:
-                    bar.update(len(batch["label"]) + len(bad))
-        except (ValueError, TypeError, FileNotFoundError) as e:  # BadImageError is a ValueError
-            if not group.active:
-                raise
-            error = e  # raised below on every process, not left for the others to wait on
-        finally:
-            if shard is not None:
-                shard.discard()
-            if bar is not None:
-                bar.close()
-    elif not todo:
-        left_out = [(p, f"{samples[p][0]} (left out in an earlier run)")
-                    for shard in index["shards"] for p in shard["left_out"]]
-    seconds = time.perf_counter() - start_time
-    if not group.active:
-        writer.finish(index)
-        return SplitReport(split.split, len(samples), len(todo), len(done), seconds, [m for _, m in sorted(left_out)])
-    reports = group.all_gather_object((seconds, left_out, None if error is None else str(error)))
-    if error is not None:
-        raise error
-    failed = [(rank, message) for rank, (_, _, message) in enumerate(reports) if message is not None]
-    if failed:
-        raise ValueError(f"process {failed[0][0]} stopped: {failed[0][1]}")
-    group.broadcast_result(lambda: _merged(writer, split.split, samples))
-    left_out = sorted(item for _, items, _ in reports for item in items)
-    return SplitReport(split.split, len(samples), len(todo), len(done), max(r[0] for r in reports),
-                       [m for _, m in left_out])
-
-
-def _merged(writer: StoreWriter, split: str, samples: Sequence[tuple]) -> None:
-    writer.merge(split, samples)  # the index stays on rank 0: the others need only "done"
-
-
-def _batch_records(model, batch: dict, device: torch.device, writer: StoreWriter):
-    """{position: (2, L, H, n, d) storage array, or None for a bad image}, and the bad samples."""
-    records: Dict[int, Optional[np.ndarray]] = {b.position: None for b in batch["bad"]}
-    if len(batch["label"]):
-        keys, values = model.extract(batch["frozen"].to(device, non_blocking=True))
-        # (L, B, H, n, d) x 2 -> (B, 2, L, H, n, d) in the stored dtype
-        stacked = to_storage(torch.stack([keys, values]).permute(2, 0, 1, 3, 4, 5), writer.dtype)
-        for row, position in enumerate(batch["position"].tolist()):
-            records[position] = stacked[row]
-    return records, batch["bad"]
-
-
-class _ShardFile:
+class ShardFile:
     """A shard being written: a temporary file in the store folder, hashed as it is written."""
 
     def __init__(self, root: Path, split: str, k: int, record_bytes: int):
@@ -569,14 +464,6 @@ class _ShardFile:
             self.tmp.unlink()
 
 
-def _progress_bar(enabled: bool, total: int, description: str):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=description, unit="img", dynamic_ncols=True)
-
-
 # ------------------------------------------------------------------------------- checking
 @dataclass
 class VerifyReport:
@@ -593,13 +480,11 @@ def verify(path: Union[str, Path], model=None, transform=None, data_root=None, d
     """Checks a store: every split finished, every shard present with the recorded size and sha256,
     no NaN/inf. With model, transform and data_root, also recomputes ``recompute`` random samples
     per split and compares them with the stored records (tolerance VERIFY_TOLERANCE)."""
-    from .data import load_image
-
     store = FeatureStore(path)
     problems: List[str] = []
     total_samples, total_bytes = 0, 0
     recomputed, max_error = 0, 0.0
-    record_bytes = store.record_bytes()
+    record_bytes = store.record_bytes
     for name in store.splits():
         index = read_json(store.root / f"{name}.index.json")
         if not index.get("complete"):
@@ -629,8 +514,7 @@ def verify(path: Union[str, Path], model=None, transform=None, data_root=None, d
             candidates = split.present_positions()
             chosen = sorted(random.Random(seed).sample(candidates, min(recompute, len(candidates))))
             images = torch.stack([transform(load_image(Path(data_root) / split.samples[p][0])) for p in chosen])
-            keys, values = model.extract(images.to(device))
-            fresh = torch.stack([keys, values]).permute(2, 0, 1, 3, 4, 5).float().cpu()
+            fresh = records_from_features(model.extract(images.to(device))).float().cpu()
             stored = torch.stack([from_storage(split.read_record(p), store.dtype) for p in chosen]).float()
             error = ((stored - fresh).abs() / (fresh.abs() + 1)).amax().item()
             max_error = max(max_error, error)
@@ -661,19 +545,11 @@ def _hash_and_check(file: Path, dtype: str, chunk_bytes: int = 64 * 2 ** 20) -> 
     return digest.hexdigest(), finite
 
 
-def drop_from_page_cache(split: StoreSplit) -> None:
-    """Asks the kernel to forget the split's cached shard pages (Linux), so reads come from the disk."""
-    for shard in split.shards:
-        with open(split.root / shard["file"], "rb") as f:
-            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-
-
 def measure_read_rate(split: StoreSplit, batch_size: int = 16, max_seconds: float = 5.0,
                       seed: int = 0) -> Tuple[float, float]:
     """(samples/s, MB/s) of reading random batches into torch tensors, as a training step does."""
     positions = split.present_positions()
     random.Random(seed).shuffle(positions)
-    record_bytes = 2 * math.prod(split.feature_shape) * STORAGE[split.dtype].itemsize
     start = time.perf_counter()
     done = 0
     for i in range(0, len(positions), batch_size):
@@ -682,4 +558,4 @@ def measure_read_rate(split: StoreSplit, batch_size: int = 16, max_seconds: floa
         if time.perf_counter() - start > max_seconds:
             break
     seconds = max(time.perf_counter() - start, 1e-9)
-    return done / seconds, done * record_bytes / seconds / 1e6
+    return done / seconds, done * split.record_bytes / seconds / 1e6

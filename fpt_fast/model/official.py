@@ -154,28 +154,20 @@ def load_official_checkpoint(source: Union[str, Path, Mapping[str, Tensor]], con
     """
     converted = convert_official_state_dict(_read(source))
     model = FPT(config)
-    expected = {**{f"fusion.{k}": v for k, v in model.fusion.state_dict().items()},
-                **{f"side.{k}": v for k, v in model.side.state_dict().items()}}
-    missing = sorted(set(expected) - set(converted))
-    unexpected = sorted(set(converted) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"official checkpoint does not fit this FPTConfig: missing {missing}, unexpected "
-                         f"{unexpected} (check the preset: prompt_norm / prompt_proj, and the number of layers)")
     pos_key = "side.pos_embed"
-    theirs, ours = converted[pos_key].shape, expected[pos_key].shape
-    if theirs != ours and theirs[-1] == ours[-1]:  # same width, another grid: resample
-        from timm.layers import resample_abs_pos_embed
+    theirs, ours = converted.get(pos_key), model.side.pos_embed
+    if theirs is not None and theirs.shape != ours.shape and theirs.shape[-1] == ours.shape[-1]:
+        from timm.layers import resample_abs_pos_embed  # same width, another grid: resample
 
         grid = model.side.patch_embed.grid_size
-        warnings.warn(f"official side position embeddings {tuple(converted[pos_key].shape)} resampled to the "
-                      f"side grid {tuple(grid)}: logits match the official ones only approximately", stacklevel=2)
-        converted[pos_key] = resample_abs_pos_embed(converted[pos_key], list(grid), num_prefix_tokens=1)
-    wrong = [f"{k}: checkpoint {tuple(converted[k].shape)}, model {tuple(v.shape)}"
-             for k, v in expected.items() if converted[k].shape != v.shape]
-    if wrong:
-        raise ValueError("official checkpoint shapes do not fit this FPTConfig: " + "; ".join(wrong))
-    model.fusion.load_state_dict({k[len("fusion."):]: v for k, v in converted.items() if k.startswith("fusion.")})
-    model.side.load_state_dict({k[len("side."):]: v for k, v in converted.items() if k.startswith("side.")})
+        warnings.warn(f"official side position embeddings {tuple(theirs.shape)} resampled to the side grid "
+                      f"{tuple(grid)}: logits match the official ones only approximately", stacklevel=2)
+        converted[pos_key] = resample_abs_pos_embed(theirs, list(grid), num_prefix_tokens=1)
+    try:
+        model.load_trainable_state_dict(converted)
+    except ValueError as e:
+        raise ValueError(f"official checkpoint does not fit this FPTConfig ({e}); check the preset "
+                         f"(prompt_norm / prompt_proj), the number of layers and num_classes") from None
     if layer_norm_eps is not None:
         for module in model.side.modules():
             if isinstance(module, nn.LayerNorm):
@@ -188,11 +180,13 @@ def official_state_dict(model: FPT, vit_prefix: bool = True) -> Dict[str, Tensor
     split from timm's fused qkv), e.g. for the official evaluation code."""
     side = "side_encoder.vit." if vit_prefix else "side_encoder."
     out: Dict[str, Tensor] = {}
-    for key, value in model.fusion.state_dict().items():
-        out[f"fusion_module.{key}"] = value[:, None].clone() if key == "prompts" else value.clone()
     inverse_side = {ours: theirs for theirs, ours in SIDE_PARTS.items()}
     inverse_layer = {ours: theirs for theirs, ours in LAYER_PARTS.items()}
-    for key, value in model.side.state_dict().items():
+    for name, value in model.trainable_state_dict().items():
+        part, key = name.split(".", 1)  # "fusion" or "side", then the key inside that module
+        if part == "fusion":
+            out[f"fusion_module.{key}"] = value[:, None].clone() if key == "prompts" else value.clone()
+            continue
         if key in inverse_side:
             theirs = inverse_side[key]
             prefix = "side_encoder." if theirs.startswith("classifier.") else side
@@ -204,8 +198,8 @@ def official_state_dict(model: FPT, vit_prefix: bool = True) -> Dict[str, Tensor
         layer, module, kind = match.groups()
         base = f"{side}encoder.layer.{layer}."
         if module == "attn.qkv":
-            for name, chunk in zip(QKV, value.chunk(3, dim=0)):
-                out[f"{base}attention.attention.{name}.{kind}"] = chunk.clone()
+            for projection, chunk in zip(QKV, value.chunk(3, dim=0)):
+                out[f"{base}attention.attention.{projection}.{kind}"] = chunk.clone()
         else:
             out[f"{base}{inverse_layer[module]}.{kind}"] = value.clone()
     return out

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..ops.reference import prompt_attention, select_tokens, token_importance
+from .fpt import resize_images
 
 
 def extract_features(backbone, images: Tensor, layers: Sequence[int], n: int,
@@ -120,10 +121,8 @@ def side_forward(side, x_lo: Tensor, prompts: Tensor) -> Tensor:
 
 def fpt_forward(model, x_hi: Tensor, x_lo: Optional[Tensor] = None) -> Tensor:
     """The whole FPT forward with reference parts, on an fpt_fast.FPT's weights. Returns logits."""
-    from .fpt import resize_for_side
-
     cfg = model.config
     if x_lo is None:
-        x_lo = resize_for_side(x_hi, cfg.side_input_size)
+        x_lo = resize_images(x_hi, cfg.side_input_size)
     keys, values = extract_features(model.frozen.backbone, x_hi, cfg.layers, cfg.num_selected, cfg.importance)
     return side_forward(model.side, x_lo, fusion_forward(model.fusion, keys, values))

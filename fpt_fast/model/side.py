@@ -2,7 +2,7 @@
 layer l appended to the input of block l and dropped after it (docs/method.md, section 5)."""
 from __future__ import annotations
 
-from typing import Tuple, Union
+from typing import Optional, Tuple, Union
 
 import torch
 from timm.models.vision_transformer import VisionTransformer
@@ -14,7 +14,8 @@ class SideViT(VisionTransformer):
     pre-norm blocks, MLP ratio 4 with exact GELU, final LayerNorm, linear head on the class token,
     no dropout) whose forward takes the fused prompts.
 
-    forward(x, prompts): x (B, 3, h, w), prompts (depth, B, P, embed_dim) -> logits (B, num_classes).
+    forward(x, prompts=None): x (B, 3, h, w), prompts (depth, B, P, embed_dim) -> logits
+    (B, num_classes). Without prompts it is the plain ViT: the "side network alone" ablation.
     """
 
     def __init__(self, img_size: Union[int, Tuple[int, int]], patch_size: Union[int, Tuple[int, int]],
@@ -23,7 +24,9 @@ class SideViT(VisionTransformer):
                          num_heads=num_heads, mlp_ratio=4.0, qkv_bias=True, num_classes=num_classes,
                          class_token=True, global_pool="token", dynamic_img_size=True)
 
-    def forward(self, x: Tensor, prompts: Tensor) -> Tensor:
+    def forward(self, x: Tensor, prompts: Optional[Tensor] = None) -> Tensor:
+        if prompts is None:
+            return super().forward(x)
         if prompts.dim() != 4 or prompts.shape[0] != len(self.blocks) or prompts.shape[-1] != self.embed_dim:
             raise ValueError(f"prompts (shape {tuple(prompts.shape)}) must be (depth={len(self.blocks)}, B, P, "
                              f"{self.embed_dim})")

@@ -5,6 +5,7 @@ import torch
 from PIL import Image
 
 from fpt_fast.app import data, demo
+from fpt_fast.model import resize_images
 
 
 def save(path, array):
@@ -69,7 +70,7 @@ def test_frozen_transform_resizes_and_normalises():
     transform = data.FrozenTransform((64, 48), [0.5, 0.4, 0.3], [0.2, 0.25, 0.3])
     out = transform(image)
     assert out.shape == (3, 64, 48)
-    expected = (data.resize(image, (64, 48)) - torch.tensor([0.5, 0.4, 0.3]).view(3, 1, 1)) / \
+    expected = (resize_images(image, (64, 48)) - torch.tensor([0.5, 0.4, 0.3]).view(3, 1, 1)) / \
         torch.tensor([0.2, 0.25, 0.3]).view(3, 1, 1)
     torch.testing.assert_close(out, expected)
     assert transform.description()["mean"] == pytest.approx([0.5, 0.4, 0.3])
@@ -89,7 +90,7 @@ def test_side_transform_train_is_random_and_eval_is_a_resize():
     b = train(image)
     c = train(image)
     assert a.shape == (3, 32, 32) and torch.equal(a, b) and not torch.equal(b, c)
-    torch.testing.assert_close(evaluation(image), (data.resize(image, (32, 32)) - 0.5) / 0.25)
+    torch.testing.assert_close(evaluation(image), (resize_images(image, (32, 32)) - 0.5) / 0.25)
 
 
 def test_dataset_augmentation_depends_only_on_seed_epoch_and_position(tmp_path):
@@ -122,11 +123,48 @@ def test_collate_sets_bad_samples_apart(tmp_path):
 def test_mean_std_of_the_train_split(tmp_path):
     root = demo.generate_dataset(tmp_path / "ds", seed=1, images_per_class={"train": 2, "val": 1, "test": 1})
     split = data.ImageFolderSplit(root, "train")
-    mean, std, bad = data.compute_mean_std(split, (64, 64))
-    pixels = torch.stack([data.resize(data.load_image(split.path(i)), (64, 64)) for i in range(len(split))])
+    bad_images = data.BadImages(skip=False)
+    mean, std = data.compute_mean_std(split, (64, 64), bad_images)
+    pixels = torch.stack([resize_images(data.load_image(split.path(i)), (64, 64)) for i in range(len(split))])
     torch.testing.assert_close(torch.tensor(mean), pixels.double().mean(dim=(0, 2, 3)).float())
     torch.testing.assert_close(torch.tensor(std), pixels.double().std(dim=(0, 2, 3), unbiased=False).float())
-    assert bad == []
+    assert bad_images.messages == []
+    # An unreadable image stops the computation, or is left out of it (and listed) when skipping.
+    (root / "train" / "vertical" / "vertical_0001.png").write_bytes(b"\x89PNG broken")
+    with pytest.raises(data.BadImageError, match="vertical_0001.png"):
+        data.compute_mean_std(split, (64, 64), data.BadImages(skip=False))
+    skipping = data.BadImages(skip=True)
+    mean, _ = data.compute_mean_std(split, (64, 64), skipping)
+    torch.testing.assert_close(torch.tensor(mean), pixels[:-1].double().mean(dim=(0, 2, 3)).float())
+    assert len(skipping.messages) == 1 and "vertical_0001.png" in skipping.messages[0]
+
+
+def test_bad_image_policy():
+    bad = [data.BadSample(3, "a.png", "cannot read image a.png: x"), data.BadSample(5, "b.png", "cannot read b.png")]
+    with pytest.raises(data.BadImageError, match="a.png"):
+        data.BadImages(skip=False).handle(bad)
+    data.BadImages(skip=False).handle([])  # nothing to stop for
+    skipping = data.BadImages(skip=True)
+    skipping.handle(bad)
+    skipping.note(["cannot read b.png", "c.png (left out when preloaded)"])  # each message once
+    assert skipping.messages == ["cannot read image a.png: x", "cannot read b.png", "c.png (left out when preloaded)"]
+    assert skipping.report().splitlines() == ["3 unreadable image(s) were left out:"] + \
+        ["  " + m for m in skipping.messages]
+    assert data.BadImages(skip=True).report() == ""
+
+
+def test_loader_batches_in_order_and_sets_bad_items_apart(tmp_path):
+    root = demo.generate_dataset(tmp_path / "ds", seed=1, images_per_class={"train": 2, "val": 1, "test": 1})
+    (root / "train" / "checker" / "checker_0001.png").write_bytes(b"\x89PNG broken")
+    split = data.ImageFolderSplit(root, "train")
+    dataset = data.FPTDataset(split, data.SideTransform((32, 32), [0.5] * 3, [0.25] * 3, train=False))
+    batches = list(data.make_loader(dataset, 2, sampler=[5, 1, 0, 4]))
+    assert [b["position"].tolist() for b in batches] == [[5], [0, 4]]
+    assert [[s.position for s in b["bad"]] for b in batches] == [[1], []]
+    assert batches[0]["side"].shape == (1, 3, 32, 32)
+    state = torch.get_rng_state()
+    list(data.make_loader(dataset, 4))
+    assert torch.equal(torch.get_rng_state(), state)  # the global RNG is left alone
 
 
 def test_demo_texture_vanishes_at_the_side_resolution_only():
@@ -134,7 +172,7 @@ def test_demo_texture_vanishes_at_the_side_resolution_only():
     images = [torch.from_numpy(demo.make_image(np.random.default_rng(7), label)).permute(2, 0, 1).float() / 255
               for label in range(len(demo.CLASSES))]
     full = max((images[0] - other).abs().max().item() for other in images[1:])
-    low = [data.resize(x, (demo.SIDE_SIZE, demo.SIDE_SIZE)) for x in images]
+    low = [resize_images(x, (demo.SIDE_SIZE, demo.SIDE_SIZE)) for x in images]
     side = max((low[0] - other).abs().max().item() for other in low[1:])
     side_mean = max((low[0] - other).abs().mean().item() for other in low[1:])
     assert full > 1.5 * demo.TEXTURE_AMPLITUDE

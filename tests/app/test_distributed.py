@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from fpt_fast.app import distributed, store
-from fpt_fast.app import train as fpt_train
+from fpt_fast.app import distributed, preloading, store
+from fpt_fast.app.checkpoints import load_checkpoint
 from fpt_fast.app.data import EpochBatches
-from fpt_fast.app.train import load_checkpoint, preload, train
+from fpt_fast.app.preloading import preload
+from fpt_fast.app.training import train
 from tiny_run import tiny_settings
 
 QUIET = dict(log=lambda _: None)
@@ -77,7 +78,7 @@ def test_the_slices_of_k_processes_make_the_batches_of_one(num_items, batch_size
 def test_torchrun_variables(monkeypatch):
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
-    assert distributed.torchrun_env() is None and distributed.current().world_size == 1
+    assert distributed.torchrun_env() is None and distributed.Group().world_size == 1
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert distributed.torchrun_env() is None  # torchrun with one process: a plain run
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -179,7 +180,7 @@ def test_two_process_preload_resumes_and_equals_one_process(tmp_path, monkeypatc
     with pytest.raises(KeyboardInterrupt):
         preload(settings, **QUIET)
     monkeypatch.setattr(store.StoreWriter, "commit_shard", commit)
-    monkeypatch.setattr(fpt_train, "Group", InterruptedSecondProcess)
+    monkeypatch.setattr(preloading, "Group", InterruptedSecondProcess)
     with pytest.raises(KeyboardInterrupt):
         preload(settings, **QUIET)
     monkeypatch.undo()

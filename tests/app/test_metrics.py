@@ -73,7 +73,7 @@ def test_torch_inputs_are_accepted():
 
 
 def test_efficiency_scores():
-    # Spec section 6; FPT+ on ViT-B: 1.03% learnable parameters, 736 MB vs 23128 MB.
+    # docs/method.md, sections 8 and 9: FPT+ on ViT-B, 1.03% learnable parameters, 736 MB vs 23128 MB.
     assert metrics.ppe(87.12, 0.0103) == pytest.approx(87.12 * math.exp(-math.log10(1.0103)))
     assert metrics.pme(87.12, 736, 23128) == pytest.approx(87.12 * math.exp(-math.log10(736 / 23128 + 1)))
     assert metrics.ppe(0.9, 0.0) == 0.9

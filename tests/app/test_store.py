@@ -1,12 +1,13 @@
-"""The preloaded-feature store: exactness per dtype, resumable preloading, fingerprints, bad images."""
-import json
-
+"""The preloaded-feature store: exactness per dtype, the record layout, fingerprints, changed splits,
+damaged files, the read rate."""
 import numpy as np
 import pytest
 import torch
 
 from fpt_fast.app import data, store
-from fpt_fast.app.train import build_model, preload, train, verify_store
+from fpt_fast.app.build import build_model
+from fpt_fast.app.preloading import preload
+from fpt_fast.app.training import train
 from tiny_run import tiny_settings
 
 
@@ -49,45 +50,8 @@ def test_store_holds_the_frozen_branch_features_bit_exactly(tmp_path):
     # Reading a batch gives the model's layout (L, B, H, n, d).
     k, v = stores["bfloat16"].split("train").read_batch([3, 0, 7])
     assert torch.equal(k, stored32[[3, 0, 7], 0].transpose(0, 1).to(torch.bfloat16))
-    assert stores["bfloat16"].record_bytes() * 2 == stores["float32"].record_bytes()
-
-
-def test_interrupted_preload_resumes_and_equals_an_uninterrupted_one(tmp_path, monkeypatch):
-    settings = tiny_settings(tmp_path)
-    reference = preload(settings.replace("data", store=str(tmp_path / "reference")), log=lambda _: None)
-    train_shards = json.loads((reference.store / "train.index.json").read_text())["shards"]
-    assert len(train_shards) == 3  # 12 images, 4 per shard: the interruption below falls inside train
-
-    commit = store.StoreWriter.commit_shard
-    calls = []
-
-    def commit_then_crash(self, *args, **kwargs):
-        commit(self, *args, **kwargs)
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt  # as if the user pressed Ctrl-C right after the 2nd shard
-    monkeypatch.setattr(store.StoreWriter, "commit_shard", commit_then_crash)
-    with pytest.raises(KeyboardInterrupt):
-        preload(settings, log=lambda _: None)
-    monkeypatch.setattr(store.StoreWriter, "commit_shard", commit)
-
-    path = tmp_path / "store"
-    index = json.loads((path / "train.index.json").read_text())
-    assert len(index["shards"]) == 2 and not index["complete"]
-    assert not [p for p in path.iterdir() if ".tmp-" in p.name]  # nothing half-written is left
-    with pytest.raises(ValueError, match="unfinished"):
-        store.FeatureStore(path).split("train")
-
-    result = preload(settings, log=lambda _: None)
-    assert [(r.split, r.shards_reused, r.shards_written) for r in result.reports] == \
-        [("train", 2, 1), ("val", 0, 2), ("test", 0, 2)]
-    files = sorted(p.name for p in reference.store.iterdir())
-    assert files == sorted(p.name for p in path.iterdir())
-    for name in files:
-        if name.endswith(".bin") or name.endswith(".index.json"):
-            assert (path / name).read_bytes() == (reference.store / name).read_bytes(), name
-    again = preload(settings, log=lambda _: None)  # a finished store is left as it is
-    assert all(r.shards_written == 0 for r in again.reports)
+    assert torch.equal(v, stored32[[3, 0, 7], 1].transpose(0, 1).to(torch.bfloat16))
+    assert stores["bfloat16"].record_bytes * 2 == stores["float32"].record_bytes
 
 
 def test_fingerprint_mismatch_names_both_sides(tmp_path):
@@ -114,46 +78,35 @@ def test_changed_split_is_detected(tmp_path):
         train(settings, log=lambda _: None)
 
 
-def test_unreadable_image_stops_preload_or_is_left_out(tmp_path):
-    settings = tiny_settings(tmp_path, "data.mean=[0.5, 0.5, 0.5]", "data.std=[0.25, 0.25, 0.25]")
-    bad = tmp_path / "data" / "train" / "horizontal" / "horizontal_0002.png"
-    bad.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
-    with pytest.raises(data.BadImageError, match="horizontal_0002.png"):
-        preload(settings, log=lambda _: None)
-    index = json.loads((tmp_path / "store" / "train.index.json").read_text())
-    assert len(index["shards"]) == 1  # the shard before the bad image stays valid
-
-    messages = []
-    result = preload(settings.replace("data", skip_bad_images=True), log=messages.append)
-    assert len(result.bad_images) == 1 and "horizontal_0002.png" in result.bad_images[0]
-    assert any("horizontal_0002.png" in m for m in messages)
-    split = store.FeatureStore(result.store).split("train")
-    position = [p for p, (path, _) in enumerate(split.samples) if path.endswith("horizontal_0002.png")][0]
-    assert split.left_out == [position] and position not in split.present_positions()
-    with pytest.raises(ValueError, match="left out of the store"):
-        split.read(position)
-    assert len(split.present_positions()) == 11
-
-
-def test_verify_checks_files_and_recomputes(tmp_path):
-    settings = tiny_settings(tmp_path)
-    preload(settings, log=lambda _: None)
-    report = verify_store(settings, recompute=3, log=lambda _: None)
-    assert report.ok and report.recomputed == 9 and report.samples == 24
-    shard = tmp_path / "store" / "val-00000.bin"
-    raw = bytearray(shard.read_bytes())
-    raw[10] ^= 0xFF
-    shard.write_bytes(bytes(raw))
-    report = verify_store(settings, recompute=0, log=lambda _: None)
-    assert not report.ok and any("val-00000.bin: sha256" in p for p in report.problems)
-    shard.write_bytes(bytes(raw[:-2]))
-    report = verify_store(settings, recompute=0, log=lambda _: None)
-    assert any("val-00000.bin" in p and "bytes" in p for p in report.problems)
-
-
 def test_read_rate_is_measured(tmp_path):
     settings = tiny_settings(tmp_path)
     result = preload(settings, log=lambda _: None)
     samples_per_s, mb_per_s = store.measure_read_rate(store.FeatureStore(result.store).split("train"), 4, 1.0)
     assert samples_per_s > 0 and mb_per_s > 0
     assert result.official_bytes_per_image == 2 * 3 * 2 * 2 * 32 * 4
+
+
+def test_records_hold_keys_then_values_of_one_sample():
+    keys, values = torch.randn(2, 2, 4, 3, 5, 7).unbind(0)         # each (L=2, B=4, H=3, n=5, d=7)
+    records = store.records_from_features((keys, values))
+    assert records.shape == (4, 2, 2, 3, 5, 7) == (4,) + store.record_shape((2, 3, 5, 7))
+    assert torch.equal(records[1, 0], keys[:, 1]) and torch.equal(records[1, 1], values[:, 1])
+    back = store.features_from_records(records[:, 0], records[:, 1])
+    assert torch.equal(back.keys, keys) and torch.equal(back.values, values)
+    assert store.record_bytes((2, 3, 5, 7), "bfloat16") == 2 * 2 * 3 * 5 * 7 * 2
+    assert store.record_bytes((2, 3, 5, 7), "float32") == 2 * 2 * 3 * 5 * 7 * 4
+
+
+def test_verify_names_damaged_shards(tmp_path):
+    settings = tiny_settings(tmp_path)
+    preload(settings, log=lambda _: None)
+    assert store.verify(tmp_path / "store", recompute=0).ok
+    shard = tmp_path / "store" / "val-00000.bin"
+    raw = bytearray(shard.read_bytes())
+    raw[10] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    report = store.verify(tmp_path / "store", recompute=0)
+    assert not report.ok and any("val-00000.bin: sha256" in p for p in report.problems)
+    shard.write_bytes(bytes(raw[:-2]))
+    report = store.verify(tmp_path / "store", recompute=0)
+    assert any("val-00000.bin" in p and "bytes" in p for p in report.problems)

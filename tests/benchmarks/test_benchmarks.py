@@ -155,9 +155,16 @@ def test_live_bytes_tracks_the_peak_of_simultaneously_alive_tensors():
     assert live.current == 0
 
 
-def test_efficiency_metrics_follow_the_spec():
-    assert training.ppe(90.0, 0.0) == pytest.approx(90.0)
-    assert training.ppe(90.0, 1.0) == pytest.approx(90.0 * math.exp(-math.log10(2)))
-    assert training.pme(80.0, 5.0, 10.0) == pytest.approx(80.0 * math.exp(-math.log10(1.5)))
+def test_efficiency_scores_of_the_rows():
+    """PPE and PME (docs/method.md, section 8) per row, PME against full fine-tuning's row of the same shape."""
+    rows = [dict(provider="full_ft", shape="s", status="ok", learnable_share=1.0, peak_mb=10.0),
+            dict(provider="fpt+_preloaded", shape="s", status="ok", learnable_share=0.01, peak_mb=5.0),
+            dict(provider="fpt+", shape="other", status="ok", learnable_share=0.01, peak_mb=5.0)]
+    training.add_efficiency(rows, {"full_ft": 88.0, "fpt+": 87.0}, "peak_mb")
+    assert rows[0]["ppe"] == pytest.approx(88.0 * math.exp(-math.log10(2)))
+    assert rows[0]["pme"] == pytest.approx(88.0 * math.exp(-math.log10(2)))
+    assert rows[1]["auc"] == 87.0 and rows[1]["ppe"] == pytest.approx(87.0 * math.exp(-math.log10(1.01)))
+    assert rows[1]["pme"] == pytest.approx(87.0 * math.exp(-math.log10(1.5)))
+    assert "pme" not in rows[2]  # no full fine-tuning row at its shape
     assert training.parse_auc("87") == {m: 87.0 for m in ("fpt", "fpt+", "full_ft", "lora")}
     assert training.parse_auc("fpt=1,full_ft=2") == {"fpt": 1.0, "full_ft": 2.0}

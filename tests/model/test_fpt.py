@@ -2,6 +2,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
 
 from fpt_fast import FPT, reference
 from helpers import tiny_config
@@ -64,9 +65,53 @@ def test_trainable_parameters_are_fusion_and_side_only():
     model = build("fpt")
     trainable = {id(p) for p in model.trainable_parameters()}
     expected = {id(p) for m in (model.fusion, model.side) for p in m.parameters()}
-    assert trainable == expected
+    assert trainable == expected == {id(p) for p in model.trainable_module().parameters()}
     assert all(not p.requires_grad for p in model.frozen.parameters())
     assert {id(p) for p in model.parameters() if p.requires_grad} == expected
+    side = {id(p) for p in model.side.parameters()}
+    assert {id(p) for p in model.trainable_parameters(side_only=True)} == side
+    assert model.trainable_module(side_only=True) is model.side
+    frozen = sum(p.numel() for p in model.frozen.parameters())
+    counts = {m: sum(p.numel() for p in getattr(model, m).parameters()) for m in ("fusion", "side")}
+    assert model.learnable_share() == pytest.approx((counts["fusion"] + counts["side"]) /
+                                                    (counts["fusion"] + counts["side"] + frozen))
+    assert model.learnable_share(side_only=True) == pytest.approx(counts["side"] / (counts["side"] + frozen))
+
+
+def test_trainable_state_round_trip_and_mismatches_named():
+    model, other = build("fpt+", seed=0), build("fpt+", seed=1)
+    state = model.trainable_state_dict()
+    assert type(state) is dict
+    assert set(state) == ({f"fusion.{k}" for k in model.fusion.state_dict()} |
+                          {f"side.{k}" for k in model.side.state_dict()})
+    assert "learnable.fusion.prompts" in model.state_dict()  # FPT's own keys hold both branches
+    other.load_trainable_state_dict(state)
+    model.eval()
+    other.eval()
+    x_lo = torch.randn(2, 3, *model.config.side_input_size)
+    features = model.extract(torch.randn(2, 3, *model.config.image_size))
+    assert torch.equal(other.forward_from_features(x_lo, features), model.forward_from_features(x_lo, features))
+    before = {k: v.clone() for k, v in other.trainable_state_dict().items()}
+    changed = {k: torch.zeros_like(v) for k, v in state.items()}
+    del changed["side.head.bias"]
+    with pytest.raises(ValueError, match=r"missing keys \['side.head.bias'\], unexpected keys \[\]"):
+        other.load_trainable_state_dict(changed)
+    with pytest.raises(ValueError, match=r"unexpected keys \['frozen.x'\]"):
+        other.load_trainable_state_dict({**state, "frozen.x": torch.zeros(1)})
+    with pytest.raises(ValueError, match=r"shapes do not fit this FPT: side.head.weight: given \(4, 16\)"):
+        other.load_trainable_state_dict({**state, "side.head.weight": torch.zeros(4, 16)})
+    after = other.trainable_state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # nothing loaded by the failed calls
+
+
+def test_side_only_forward_is_the_plain_side_vit():
+    model = build("fpt").eval()
+    x_lo = torch.randn(2, 3, *model.config.side_input_size)
+    plain = VisionTransformer.forward(model.side, x_lo)
+    assert torch.equal(model.forward_from_features(x_lo, None), plain)
+    assert torch.equal(model.trainable_module(side_only=True)(x_lo), plain)
+    features = model.extract(torch.randn(2, 3, *model.config.image_size))
+    assert not torch.equal(model.forward_from_features(x_lo, features), plain)  # the prompts do something
 
 
 def test_frozen_branch_stays_frozen_in_training():
@@ -89,6 +134,7 @@ def test_forward_with_explicit_side_input_and_features():
     L, n, d = len(cfg.layers), cfg.num_selected, cfg.info.head_dim
     assert features.keys.shape == features.values.shape == (L, 2, cfg.info.num_heads, n, d)
     torch.testing.assert_close(model.forward_from_features(x_lo, features), model(x_hi, x_lo))
+    torch.testing.assert_close(model.forward_from_features(x_lo, tuple(features)), model(x_hi, x_lo))
     torch.testing.assert_close(model(x_hi, x_lo), reference.fpt_forward(model, x_hi, x_lo), atol=2e-5, rtol=1e-4)
 
 

@@ -134,7 +134,7 @@ def test_extraction_never_allocates_n_by_n(tmp_path):
 def test_training_step_records_nothing_of_the_frozen_branch():
     """Without preloading, the autograd graph saves exactly what it saves with preloaded features."""
     from fpt_fast import FPT
-    from fpt_fast.model.fpt import resize_for_side
+    from fpt_fast.model.fpt import resize_images
 
     torch.manual_seed(0)
     model = FPT(tiny_config("fpt")).train()
@@ -153,7 +153,7 @@ def test_training_step_records_nothing_of_the_frozen_branch():
         return sum(total)
 
     features = model.extract(x_hi)
-    x_lo = resize_for_side(x_hi, model.config.side_input_size)
+    x_lo = resize_images(x_hi, model.config.side_input_size)
     assert saved_bytes(lambda: model(x_hi)) == saved_bytes(lambda: model.forward_from_features(x_lo, features))
 
 

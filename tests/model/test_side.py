@@ -36,3 +36,15 @@ def test_bad_prompts():
     side = make()
     with pytest.raises(ValueError, match="prompts"):
         side(torch.randn(1, 3, 32, 48), torch.randn(2, 1, 5, 16))
+
+
+def test_without_prompts_it_is_a_timm_vit_of_the_same_weights():
+    from timm.models.vision_transformer import VisionTransformer
+
+    side = make()
+    plain = VisionTransformer(img_size=(32, 48), patch_size=16, embed_dim=16, depth=3, num_heads=2, num_classes=4,
+                              dynamic_img_size=True).eval()
+    plain.load_state_dict(side.state_dict())
+    for size in ((32, 48), (64, 64)):
+        x = torch.randn(2, 3, *size)
+        torch.testing.assert_close(side(x), plain(x), atol=0, rtol=0)

@@ -1,0 +1,223 @@
+"""Preloading: the frozen branch run once over the splits, its K_sel / V_sel written into a feature
+store (the format, reader and writer are fpt_fast.app.store); and the check of a finished store.
+
+An interrupted preload resumes with the shards it has not finished. Under torchrun the shards
+still to write are dealt out to the processes (each writes whole shards and records them in its
+part file) and rank 0 merges the part files into each split's index once all are done.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from ..model import FPT
+from .build import build_model, check_store, frozen_transform, with_normalization
+from .console import Log, Progress, quiet
+from .data import BadImages, FPTDataset, FrozenTransform, ImageFolderSplit, find_classes, make_loader
+from .distributed import Group, local_device
+from .settings import Settings
+from .store import (MANIFEST, FeatureStore, ShardFile, StoreWriter, VerifyReport, fingerprint, measure_read_rate,
+                    record_bytes, records_from_features, to_storage, verify)
+
+
+@dataclass
+class SplitReport:
+    """What preloading one split did. left_out: messages of the images left out as unreadable."""
+
+    split: str
+    samples: int
+    shards_written: int
+    shards_reused: int
+    seconds: float
+    left_out: List[str] = field(default_factory=list)
+
+
+@dataclass
+class PreloadResult:
+    store: Path
+    reports: List[SplitReport]
+    bytes_per_image: float
+    official_bytes_per_image: int
+    bad_images: List[str] = field(default_factory=list)
+
+
+def preload(settings: Settings, log: Log = print) -> PreloadResult:
+    """Writes (or finishes) the feature store data.store for the splits preload.splits.
+
+    Under torchrun (torch.distributed initialised) every process calls this: each computes and
+    writes its share of every split's shards (data.store must then be a folder all nodes share),
+    rank 0 merges the index of each split once all are done and logs. Every process returns the
+    PreloadResult of the whole store.
+    """
+    group = Group()
+    log = log if group.is_main else quiet
+    data, opts = settings.data, settings.preload
+    if data.store is None:
+        raise ValueError("setting data.store is not set: the folder to write the features to")
+    if data.root is None:
+        raise ValueError("setting data.root is not set: the folder with train/, val/ and test/")
+    device = local_device(opts.device)
+    classes = find_classes(data.root)
+    splits = [ImageFolderSplit(data.root, name, classes) for name in opts.splits]
+    train_split = next((s for s in splits if s.split == "train"), None) or ImageFolderSplit(data.root, "train", classes)
+    existing = FeatureStore(data.store) if (Path(data.store) / MANIFEST).is_file() else None
+    bad_images = BadImages(data.skip_bad_images)
+    settings = with_normalization(settings, train_split, existing, log, bad_images, group)
+    model = build_model(settings, len(classes))
+    config = model.config
+    transform = frozen_transform(settings, model)
+    run_fingerprint = fingerprint(model, transform.description(), opts.dtype, device)
+    feature_shape = (len(config.layers), config.info.num_heads, config.num_selected, config.info.head_dim)
+    # Rank 0 creates the manifest (or checks the existing one) before the others open the store.
+    writer = group.main_first(lambda: StoreWriter(data.store, run_fingerprint, feature_shape, classes, opts.shard_mb))
+    model.to(device).eval()
+    where = str(device) if not group.active else f"{group.world_size} processes ({device.type})"
+    log(f"preloading into {data.store}: K_sel/V_sel of shape (L={feature_shape[0]}, H={feature_shape[1]}, "
+        f"n={feature_shape[2]}, d={feature_shape[3]}) per image, stored as {opts.dtype}, on {where}")
+    reports = []
+    for split in splits:
+        report = preload_split(model, writer, split, transform, device, opts.batch_size, bad_images,
+                               data.num_workers, settings.train.progress, group)
+        reports.append(report)
+        bad_images.note(report.left_out)  # every process's, not only this one's
+        rate = (report.samples / report.seconds) if report.shards_written else 0.0
+        log(f"  {split.split}: {report.samples} images, {report.shards_written} shard(s) written"
+            f"{f', {report.shards_reused} kept from an earlier run' if report.shards_reused else ''}, "
+            f"{report.seconds:.1f} s{f' ({rate:.1f} img/s)' if rate else ''}")
+        if 0 < report.shards_written < group.world_size and not report.shards_reused:
+            log(f"    (work is dealt out by shard: {report.shards_written} shard(s) for {group.world_size} "
+                f"processes; a smaller preload.shard_mb spreads a split wider)")
+    store = FeatureStore(data.store)
+    total_bytes = sum(f.stat().st_size for f in store.root.iterdir() if f.is_file())
+    images = sum(r.samples for r in reports)
+    official = record_bytes(feature_shape, "float32")  # the official code's per-image fp32 files
+    per_image = total_bytes / max(images, 1)
+    log(f"store: {total_bytes / 2 ** 20:.1f} MiB, {per_image / 1024:.1f} KiB per image (records and index) vs "
+        f"{official / 1024:.1f} KiB per image for the official per-image fp32 files ({official / per_image:.2f}x)")
+    if bad_images.messages:
+        log(bad_images.report())
+    return PreloadResult(store.root, reports, per_image, official, bad_images.messages)
+
+
+def preload_split(model: FPT, writer: StoreWriter, split: ImageFolderSplit, transform: FrozenTransform,
+                  device: torch.device, batch_size: int, bad_images: BadImages, num_workers: int = 0,
+                  progress: bool = False, group: Optional[Group] = None) -> SplitReport:
+    """Computes and stores the features of one split, continuing an interrupted run.
+
+    Unreadable images go to bad_images (a BadImageError, or, when skipping, a record of zeros, its
+    position recorded as left out and its message in the report). Finished shards stay valid.
+
+    group: the processes of a torchrun preload, or None. The shards still to write are dealt out
+    round-robin; each process writes its own, records them in its part file, and rank 0 merges
+    the part files into the index once all are done. Every process gets the report of the whole
+    split.
+    """
+    group = group or Group()
+    start_time = time.perf_counter()
+    samples = [(s.path, s.label) for s in split.samples]
+    index = group.main_first(lambda: writer.open_index(split.split, samples) if group.is_main
+                             else writer.read_index(split.split, samples))
+    per_shard = index["samples_per_shard"]
+    total_shards = writer.num_shards(len(samples), per_shard)
+    done = {shard["start"] // per_shard for shard in index["shards"]}
+    todo = [k for k in range(total_shards) if k not in done]
+    mine = todo[group.rank::group.world_size]
+    part = group.rank if group.active else None
+    left_out: List[Tuple[int, str]] = []
+    error = None
+    if mine:
+        positions = [p for k in mine for p in range(k * per_shard, min((k + 1) * per_shard, len(samples)))]
+        dataset = FPTDataset(split, side=None, frozen=transform, positions=positions)
+        loader = make_loader(dataset, batch_size, num_workers, device)
+        bar = Progress(progress and group.is_main, f"preload {split.split}", total=len(positions), unit="img")
+        shard = None
+        try:
+            for batch in loader:
+                bad_images.handle(batch["bad"])
+                left_out += [(sample.position, sample.reason) for sample in batch["bad"]]
+                records = _batch_records(model, batch, device, writer.dtype)
+                # Positions ascend within a process's shards, and each shard's are all there.
+                for position in sorted(records):
+                    k, offset = divmod(position, per_shard)
+                    if shard is None:
+                        shard = ShardFile(writer.root, split.split, k, writer.record_bytes)
+                    shard.write(records[position], position)
+                    count = min(per_shard, len(samples) - k * per_shard)
+                    if offset == count - 1:
+                        shard.close()
+                        writer.commit_shard(index, k, shard.tmp, count, shard.digest.hexdigest(), shard.left_out,
+                                            part=part)
+                        shard = None
+                bar.update(len(batch["label"]) + len(batch["bad"]))
+        except (ValueError, TypeError, FileNotFoundError) as e:  # BadImageError is a ValueError
+            if not group.active:
+                raise
+            error = e  # raised below on every process, not left for the others to wait on
+        finally:
+            if shard is not None:
+                shard.discard()
+            bar.close()
+    elif not todo:
+        left_out = [(p, f"{samples[p][0]} (left out in an earlier run)")
+                    for shard in index["shards"] for p in shard["left_out"]]
+    seconds = time.perf_counter() - start_time
+    if not group.active:
+        writer.finish(index)
+        return SplitReport(split.split, len(samples), len(todo), len(done), seconds, [m for _, m in sorted(left_out)])
+    reports = group.all_gather_object((seconds, left_out, None if error is None else str(error)))
+    if error is not None:
+        raise error
+    failed = [(rank, message) for rank, (_, _, message) in enumerate(reports) if message is not None]
+    if failed:
+        raise ValueError(f"process {failed[0][0]} stopped: {failed[0][1]}")
+    group.broadcast_result(lambda: _merge(writer, split.split, samples))
+    left_out = sorted(item for _, items, _ in reports for item in items)
+    return SplitReport(split.split, len(samples), len(todo), len(done), max(r[0] for r in reports),
+                       [m for _, m in left_out])
+
+
+def _merge(writer: StoreWriter, split: str, samples: Sequence[tuple]) -> None:
+    writer.merge(split, samples)  # the index stays on rank 0: the others need only "done"
+
+
+def _batch_records(model: FPT, batch: dict, device: torch.device, dtype: str) -> Dict[int, Optional[np.ndarray]]:
+    """{position: (2, L, H, n, d) record in the stored dtype, or None for an unreadable image}."""
+    records: Dict[int, Optional[np.ndarray]] = {sample.position: None for sample in batch["bad"]}
+    if len(batch["label"]):
+        stacked = to_storage(records_from_features(model.extract(batch["frozen"].to(device, non_blocking=True))), dtype)
+        for row, position in enumerate(batch["position"].tolist()):
+            records[position] = stacked[row]
+    return records
+
+
+def verify_store(settings: Settings, recompute: int = 4, log: Log = print) -> VerifyReport:
+    """Checks data.store (files, hashes, finite values, and ``recompute`` recomputed samples per
+    split when data.root is set) and measures its read rate."""
+    data = settings.data
+    if data.store is None:
+        raise ValueError("setting data.store is not set: the store to verify")
+    store = FeatureStore(data.store)
+    model = transform = None
+    device = local_device(settings.preload.device)
+    if data.root is not None and recompute > 0:
+        settings = with_normalization(settings, None, store, log, BadImages(data.skip_bad_images))
+        model = build_model(settings, len(store.classes))
+        transform = frozen_transform(settings, model)
+        check_store(store, settings, model, transform)
+        model.to(device).eval()
+    report = verify(store.root, model, transform, data.root, device, recompute if model is not None else 0)
+    log(f"verify {store.root}: {report.samples} samples, {report.bytes / 2 ** 20:.1f} MiB of shards"
+        + (f", {report.recomputed} recomputed (max relative error {report.max_recompute_error:.2g})"
+           if report.recomputed else "")
+        + (": OK" if report.ok else ": PROBLEMS\n  " + "\n  ".join(report.problems)))
+    if report.ok:
+        for name in store.splits():
+            samples_per_s, mb_per_s = measure_read_rate(store.split(name), settings.train.batch_size, max_seconds=3.0)
+            log(f"  read rate {name}: {samples_per_s:.0f} samples/s ({mb_per_s:.0f} MB/s, random batches of "
+                f"{settings.train.batch_size}, page cache warm)")
+    return report

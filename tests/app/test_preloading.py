@@ -1,0 +1,82 @@
+"""Preloading: an interrupted preload resumes to the store of an uninterrupted one, unreadable images
+stop it or are left out, the finished store is verified (recomputed samples included)."""
+import json
+
+import pytest
+
+from fpt_fast.app import data, store
+from fpt_fast.app.preloading import preload, verify_store
+from tiny_run import tiny_settings
+
+
+def test_interrupted_preload_resumes_and_equals_an_uninterrupted_one(tmp_path, monkeypatch):
+    settings = tiny_settings(tmp_path)
+    reference = preload(settings.replace("data", store=str(tmp_path / "reference")), log=lambda _: None)
+    train_shards = json.loads((reference.store / "train.index.json").read_text())["shards"]
+    assert len(train_shards) == 3  # 12 images, 4 per shard: the interruption below falls inside train
+
+    commit = store.StoreWriter.commit_shard
+    calls = []
+
+    def commit_then_crash(self, *args, **kwargs):
+        commit(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # as if the user pressed Ctrl-C right after the 2nd shard
+    monkeypatch.setattr(store.StoreWriter, "commit_shard", commit_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        preload(settings, log=lambda _: None)
+    monkeypatch.setattr(store.StoreWriter, "commit_shard", commit)
+
+    path = tmp_path / "store"
+    index = json.loads((path / "train.index.json").read_text())
+    assert len(index["shards"]) == 2 and not index["complete"]
+    assert not [p for p in path.iterdir() if ".tmp-" in p.name]  # nothing half-written is left
+    with pytest.raises(ValueError, match="unfinished"):
+        store.FeatureStore(path).split("train")
+
+    result = preload(settings, log=lambda _: None)
+    assert [(r.split, r.shards_reused, r.shards_written) for r in result.reports] == \
+        [("train", 2, 1), ("val", 0, 2), ("test", 0, 2)]
+    files = sorted(p.name for p in reference.store.iterdir())
+    assert files == sorted(p.name for p in path.iterdir())
+    for name in files:
+        if name.endswith(".bin") or name.endswith(".index.json"):
+            assert (path / name).read_bytes() == (reference.store / name).read_bytes(), name
+    again = preload(settings, log=lambda _: None)  # a finished store is left as it is
+    assert all(r.shards_written == 0 for r in again.reports)
+
+
+def test_unreadable_image_stops_preload_or_is_left_out(tmp_path):
+    settings = tiny_settings(tmp_path, "data.mean=[0.5, 0.5, 0.5]", "data.std=[0.25, 0.25, 0.25]")
+    bad = tmp_path / "data" / "train" / "horizontal" / "horizontal_0002.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    with pytest.raises(data.BadImageError, match="horizontal_0002.png"):
+        preload(settings, log=lambda _: None)
+    index = json.loads((tmp_path / "store" / "train.index.json").read_text())
+    assert len(index["shards"]) == 1  # the shard before the bad image stays valid
+
+    messages = []
+    result = preload(settings.replace("data", skip_bad_images=True), log=messages.append)
+    assert len(result.bad_images) == 1 and "horizontal_0002.png" in result.bad_images[0]
+    assert any("horizontal_0002.png" in m for m in messages)
+    split = store.FeatureStore(result.store).split("train")
+    position = [p for p, (path, _) in enumerate(split.samples) if path.endswith("horizontal_0002.png")][0]
+    assert split.left_out == [position] and position not in split.present_positions()
+    with pytest.raises(ValueError, match="left out of the store"):
+        split.read(position)
+    assert len(split.present_positions()) == 11
+
+
+def test_verify_store_recomputes_samples(tmp_path):
+    settings = tiny_settings(tmp_path)
+    preload(settings, log=lambda _: None)
+    lines = []
+    report = verify_store(settings, recompute=3, log=lines.append)
+    assert report.ok and report.recomputed == 9 and report.samples == 24
+    assert any(line.startswith("  read rate train") for line in lines)
+    # An image replaced since preloading: its recomputed features differ from the stored ones.
+    folder = tmp_path / "data" / "train"
+    (folder / "checker" / "checker_0000.png").write_bytes((folder / "vertical" / "vertical_0000.png").read_bytes())
+    report = verify_store(settings, recompute=12, log=lambda _: None)
+    assert not report.ok and any("split 'train': recomputed features differ" in p for p in report.problems)
