@@ -360,6 +360,12 @@ def test_parallel_for_runs_on_several_threads(lib):
         pytest.skip(f"one core or one torch thread here ({os.cpu_count()} cores, {threads} threads)")
     assert lib.parallel_for_threads(threads) == threads
     assert lib.parallel_for_threads(1) == 1
+    # One OpenMP runtime with torch's: torch.set_num_threads bounds the extension's loops too.
+    try:
+        torch.set_num_threads(1)
+        assert lib.parallel_for_threads(threads) == 1
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_build_cache_key(tmp_path):
