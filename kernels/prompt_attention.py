@@ -58,14 +58,23 @@ TARGET_PROGRAMS = 2048
 
 # ------------------------------------------------------------------------------------ kernels
 @triton.jit
-def _load_kv(k_base, v_base, keys, k_ok, offs_d, d_ok, stride_kn, stride_kd, stride_vn, stride_vd,
-             MASK_N: tl.constexpr, EVEN_D: tl.constexpr):
-    """The (BLOCK_N, BLOCK_D) tiles of K and V for the given key indices, masked where needed."""
+def _key_block(q, k_base, v_base, start, N, qk_scale, offs_n, offs_d, d_ok, stride_kn, stride_kd, stride_vn,
+               stride_vd, MASK_N: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+               UPCAST_DOT: tl.constexpr):
+    """Keys [start, start + BLOCK_N): their indices, which are inside, the (BLOCK_N, BLOCK_D) tiles of
+    K and V (masked where needed) and the logits q K^T * qk_scale in log2 units, -inf past N."""
+    keys = start + offs_n
+    k_ok = keys < N
     k = load_tile(k_base + keys[:, None] * stride_kn + offs_d[None, :] * stride_kd, k_ok, d_ok,
-                   MASK_N, not EVEN_D)
+                  MASK_N, not EVEN_D)
     v = load_tile(v_base + keys[:, None] * stride_vn + offs_d[None, :] * stride_vd, k_ok, d_ok,
-                   MASK_N, not EVEN_D)
-    return k, v
+                  MASK_N, not EVEN_D)
+    s = dot(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT) * qk_scale
+    if MASK_N:
+        # Padded keys load as zeros: their logits must not count in the forward's softmax, nor
+        # overflow exp(0 - lse) into 0 * inf in the backward.
+        s = tl.where(k_ok[None, :], s, float("-inf"))
+    return keys, k_ok, k, v, s
 
 
 @triton.jit
@@ -77,13 +86,8 @@ def _fwd_key_block(acc, m_i, l_i, q, k_base, v_base, start, N, qk_scale,
 
     acc (BLOCK_P, BLOCK_D) fp32, m_i / l_i (BLOCK_P,) running max and sum; q (BLOCK_P, BLOCK_D).
     """
-    keys = start + offs_n
-    k_ok = keys < N
-    k, v = _load_kv(k_base, v_base, keys, k_ok, offs_d, d_ok, stride_kn, stride_kd, stride_vn, stride_vd,
-                    MASK_N, EVEN_D)
-    s = dot(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT) * qk_scale
-    if MASK_N:
-        s = tl.where(k_ok[None, :], s, float("-inf"))
+    _, _, k, v, s = _key_block(q, k_base, v_base, start, N, qk_scale, offs_n, offs_d, d_ok, stride_kn, stride_kd,
+                               stride_vn, stride_vd, MASK_N, EVEN_D, DOT_PRECISION, UPCAST_DOT)
     # Every processed block holds at least one real key, so m_new is finite and alpha never NaN.
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.exp2(m_i - m_new)
@@ -124,7 +128,7 @@ def _prompt_attention_fwd_kernel(
 
     q_base = Q + l * stride_ql + b * stride_qb + h * stride_qh
     q = load_tile(q_base + offs_p[:, None] * stride_qp + offs_d[None, :] * stride_qd, p_ok, d_ok,
-                   not EVEN_P, not EVEN_D)
+                  not EVEN_P, not EVEN_D)
     k_base = K + l * stride_kl + b * stride_kb + h * stride_kh
     v_base = V + l * stride_vl + b * stride_vb + h * stride_vh
 
@@ -163,14 +167,8 @@ def _bwd_key_block(dq_acc, q, do, lse2, delta, k_base, v_base, dk_base, dv_base,
     """Gradients through keys [start, start + BLOCK_N): returns dq_acc += dS K (unscaled); when
     NEED_KV also writes dV = Pr^T dO and dK = dS^T Q * scale for these keys (added to what is
     there, in fp32, when ACC_KV). lse2 = lse * log2(e); delta = rowsum(dO * O)."""
-    keys = start + offs_n
-    k_ok = keys < N
-    k, v = _load_kv(k_base, v_base, keys, k_ok, offs_d, d_ok, stride_kn, stride_kd, stride_vn, stride_vd,
-                    MASK_N, EVEN_D)
-    s = dot(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT) * qk_scale
-    if MASK_N:
-        # Padded keys load as zeros; without this their exp(0 - lse) could overflow into 0 * inf.
-        s = tl.where(k_ok[None, :], s, float("-inf"))
+    keys, k_ok, k, v, s = _key_block(q, k_base, v_base, start, N, qk_scale, offs_n, offs_d, d_ok, stride_kn,
+                                     stride_kd, stride_vn, stride_vd, MASK_N, EVEN_D, DOT_PRECISION, UPCAST_DOT)
     p = tl.exp2(s - lse2[:, None])
     dp = dot(do, tl.trans(v), DOT_PRECISION, UPCAST_DOT)
     ds = p * (dp - delta[:, None])
@@ -229,13 +227,13 @@ def _prompt_attention_bwd_kernel(
     b_stop = tl.minimum(b_start + B_CHUNK, B)
     for b in range(b_start, b_stop):
         q = load_tile(Q + l * stride_ql + b * stride_qb + h * stride_qh
-                       + offs_p[:, None] * stride_qp + offs_d[None, :] * stride_qd,
-                       p_ok, d_ok, not EVEN_P, not EVEN_D)
+                      + offs_p[:, None] * stride_qp + offs_d[None, :] * stride_qd,
+                      p_ok, d_ok, not EVEN_P, not EVEN_D)
         cols = h * HEAD_DIM + offs_d[None, :]
         do = load_tile(DO + l * stride_gl + b * stride_gb + offs_p[:, None] * stride_gp
-                        + cols * stride_gd, p_ok, d_ok, not EVEN_P, not EVEN_D)
+                       + cols * stride_gd, p_ok, d_ok, not EVEN_P, not EVEN_D)
         o = load_tile(O + l * stride_ol + b * stride_ob + offs_p[:, None] * stride_op
-                       + cols * stride_od, p_ok, d_ok, not EVEN_P, not EVEN_D)
+                      + cols * stride_od, p_ok, d_ok, not EVEN_P, not EVEN_D)
         # The delta pre-pass is fused: P x d per (l, b, h) is too small to earn its own launch.
         delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
         # Padded prompt rows get lse = +inf, so their probabilities are exactly 0.

@@ -52,6 +52,22 @@ from ._common import (INTERPRETED, LN2_JIT, LOG2E, LOG2E_JIT, block_d, device_gu
 
 # ---------------------------------------------------------------------------------- kernels
 @triton.jit
+def _program_coords(num_inner, H):
+    """A flat grid of (B * H) x num_inner programs, the inner index fastest: (inner index, b * H + h,
+    b, h), b and h in int64 for the base offsets."""
+    pid = tl.program_id(0)
+    pid_bh = pid // num_inner
+    return pid % num_inner, pid_bh, (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
+
+
+@triton.jit
+def _tile_ptrs(X, off_b, off_h, stride_b, stride_h, rows, stride_row, cols, stride_col):
+    """Pointers of the (rows, cols) tile of slice (b, h) of a 4-D tensor read through its strides;
+    rows and cols index its own axes (tokens and head dims in either order: K is read transposed)."""
+    return X + off_b * stride_b + off_h * stride_h + rows[:, None] * stride_row + cols[None, :] * stride_col
+
+
+@triton.jit
 def _attention_step(acc, m_i, l_i, q, k_ptrs, v_ptrs, offs_n, offs_d, N, qk_scale,
                     HEAD_DIM: tl.constexpr, MASK_N: tl.constexpr, EVEN_D: tl.constexpr,
                     HAS_V: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -94,22 +110,15 @@ def _attention_fwd_kernel(
     """
     # One flat grid, query blocks fastest: programs of one head run side by side and share K, V in
     # L2, and B * H is not bound by the 65535 limit of the grid's second axis.
-    pid = tl.program_id(0)
-    pid_m = pid % num_m_blocks
-    pid_bh = pid // num_m_blocks
-    off_b = (pid_bh // H).to(tl.int64)
-    off_h = (pid_bh % H).to(tl.int64)
+    pid_m, pid_bh, off_b, off_h = _program_coords(num_m_blocks, H)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    q_ptrs = (Q + off_b * stride_qb + off_h * stride_qh
-              + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd)
+    q_ptrs = _tile_ptrs(Q, off_b, off_h, stride_qb, stride_qh, offs_m, stride_qn, offs_d, stride_qd)
     # K is read transposed, (BLOCK_D, BLOCK_N), so the logits are a plain q @ kt.
-    k_ptrs = (K + off_b * stride_kb + off_h * stride_kh
-              + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn)
-    v_ptrs = (V + off_b * stride_vb + off_h * stride_vh
-              + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd)
+    k_ptrs = _tile_ptrs(K, off_b, off_h, stride_kb, stride_kh, offs_d, stride_kd, offs_n, stride_kn)
+    v_ptrs = _tile_ptrs(V, off_b, off_h, stride_vb, stride_vh, offs_n, stride_vn, offs_d, stride_vd)
 
     # Padded query rows load as 0: their logits are 0, finite, and they are never stored.
     q = load_tile(q_ptrs, offs_m < N, offs_d < HEAD_DIM, not EVEN_M, not EVEN_D)
@@ -136,8 +145,7 @@ def _attention_fwd_kernel(
         tl.store(lse_ptrs, lse, mask=offs_m < N)
     if HAS_V:
         out = (acc / l_i[:, None]).to(Out.dtype.element_ty)
-        o_ptrs = (Out + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_on
-                  + offs_d[None, :] * stride_od)
+        o_ptrs = _tile_ptrs(Out, off_b, off_h, stride_ob, stride_oh, offs_m, stride_on, offs_d, stride_od)
         store_tile(o_ptrs, out, offs_m < N, offs_d < HEAD_DIM, not EVEN_M, not EVEN_D)
 
 
@@ -174,19 +182,13 @@ def _importance_kernel(
     qk_scale = scale * log2(e). Loops over every query block in a fixed order: deterministic.
     UPCAST_DOT as in _attention_fwd_kernel.
     """
-    pid = tl.program_id(0)
-    pid_n = pid % num_n_blocks
-    pid_bh = pid // num_n_blocks
-    off_b = (pid_bh // H).to(tl.int64)
-    off_h = (pid_bh % H).to(tl.int64)
+    pid_n, pid_bh, off_b, off_h = _program_coords(num_n_blocks, H)
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    k_ptrs = (K + off_b * stride_kb + off_h * stride_kh
-              + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn)
-    q_ptrs = (Q + off_b * stride_qb + off_h * stride_qh
-              + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd)
+    k_ptrs = _tile_ptrs(K, off_b, off_h, stride_kb, stride_kh, offs_d, stride_kd, offs_n, stride_kn)
+    q_ptrs = _tile_ptrs(Q, off_b, off_h, stride_qb, stride_qh, offs_m, stride_qn, offs_d, stride_qd)
     lse_ptrs = Lse + off_b * stride_lb + off_h * stride_lh + offs_m * stride_ln
 
     # This program's keys stay resident; padded key columns load as 0 and are never stored.
@@ -241,11 +243,7 @@ def _class_token_kernel(
     computes LSE_0 first, an online log-sum-exp over the key blocks. Scores: (B, H, N) float32
     contiguous. qk_scale = scale * log2(e). Grid: (B * H * num_programs_per_head,).
     """
-    pid = tl.program_id(0)
-    pid_n = pid % num_programs_per_head
-    pid_bh = pid // num_programs_per_head
-    off_b = (pid_bh // H).to(tl.int64)
-    off_h = (pid_bh % H).to(tl.int64)
+    pid_n, pid_bh, off_b, off_h = _program_coords(num_programs_per_head, H)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     if EVEN_D:
@@ -254,7 +252,7 @@ def _class_token_kernel(
         q0 = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_d * stride_qd, mask=offs_d < HEAD_DIM,
                      other=0.0)
     q0 = q0.to(tl.float32)
-    k_ptrs = K + off_b * stride_kb + off_h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    k_ptrs = _tile_ptrs(K, off_b, off_h, stride_kb, stride_kh, offs_n, stride_kn, offs_d, stride_kd)
 
     if HAS_LSE:
         lse2 = tl.load(Lse + off_b * stride_lb + off_h * stride_lh) * LOG2E_JIT
