@@ -5,11 +5,25 @@ The Triton kernels live in the top-level ``kernels/`` folder and are installed a
 ``fpt_fast.csrc`` so that an installed copy can build them just in time (fpt_fast/ops/native_backend.py).
 ``FPT_FAST_BUILD_EXT=1 pip install --no-build-isolation .`` builds them ahead of time instead, as
 ``fpt_fast.ops._C`` (torch must already be installed; the CUDA source is added where torch has CUDA and
-nvcc is found, unless FPT_FAST_BUILD_CUDA=0).
+CUDA_HOME is found, unless FPT_FAST_BUILD_CUDA=0). Both builds take their sources and flags from
+fpt_fast/ops/native_build.py.
 """
+import importlib.util
 import os
 
 from setuptools import setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def native_build_recipe():
+    """fpt_fast/ops/native_build.py, the one list of the extension's sources and flags, loaded by
+    path: importing the package would need torch and its dependencies at build time."""
+    spec = importlib.util.spec_from_file_location(
+        "fpt_fast_native_build", os.path.join(HERE, "fpt_fast", "ops", "native_build.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def native_extension():
@@ -19,20 +33,17 @@ def native_extension():
     import torch
     from torch.utils import cpp_extension
 
-    here = os.path.dirname(os.path.abspath(__file__))
-    csrc = "csrc"  # relative: setuptools wants source paths relative to setup.py
-    sources = [os.path.join(csrc, f) for f in ("registration.cpp", "cpu_math.cpp", "cpu_attention.cpp",
-                                                "cpu_select.cpp")]
-    args = {"cxx": ["-O3", "-ffp-contract=fast", "-Wno-psabi"], "nvcc": ["-O3", "--use_fast_math"]}
-    kwargs = dict(include_dirs=[os.path.join(here, "csrc")], define_macros=[("FPT_FAST_PYTHON_MODULE", None)],
-                  extra_compile_args=args)
+    recipe = native_build_recipe()
     with_cuda = (torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
                  and os.environ.get("FPT_FAST_BUILD_CUDA", "1") != "0")
-    if with_cuda:
-        ext = cpp_extension.CUDAExtension("fpt_fast.ops._C", sources + [os.path.join(csrc, "cuda_select.cu")], **kwargs)
-    else:
-        ext = cpp_extension.CppExtension("fpt_fast.ops._C", sources, **kwargs)
-    return {"ext_modules": [ext], "cmdclass": {"build_ext": cpp_extension.BuildExtension}}
+    # Relative: setuptools wants source paths relative to setup.py.
+    sources = [os.path.join("csrc", name) for name in recipe.sources(with_cuda)]
+    kwargs = dict(include_dirs=[os.path.join(HERE, "csrc")], define_macros=[("FPT_FAST_PYTHON_MODULE", None)],
+                  extra_compile_args={"cxx": list(recipe.CXX_FLAGS), "nvcc": list(recipe.NVCC_FLAGS)},
+                  extra_link_args=list(recipe.LINK_FLAGS))
+    extension = cpp_extension.CUDAExtension if with_cuda else cpp_extension.CppExtension
+    return {"ext_modules": [extension("fpt_fast.ops._C", sources, **kwargs)],
+            "cmdclass": {"build_ext": cpp_extension.BuildExtension}}
 
 
 setup(

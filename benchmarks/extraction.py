@@ -73,8 +73,8 @@ class Extractors:
 def num_selected(cfg: FPTConfig, size) -> int:
     from fpt_fast.model.config import num_selected_tokens
 
-    ph, pw = cfg.info.patch_size
-    return num_selected_tokens(cfg.info.num_prefix_tokens + (size[0] // ph) * (size[1] // pw), cfg.token_ratio)
+    ph, pw = cfg.backbone_info.patch_size
+    return num_selected_tokens(cfg.backbone_info.num_prefix_tokens + (size[0] // ph) * (size[1] // pw), cfg.token_ratio)
 
 
 # --------------------------------------------------------------------------- throughput

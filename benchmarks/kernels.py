@@ -162,7 +162,8 @@ def prompt_cases(label: str, L: int, B: int, H: int, P: int, n: int, d: int, dty
 def provider_reason(provider: str, case: Case, device, explicit: bool = False) -> Optional[str]:
     """Why a provider cannot run here (None if it can)."""
     if provider in FPT_BACKENDS:
-        reason = ops.unsupported_reason(provider, case.op, torch.device(device), case.dtype, case.params["d"])
+        reasons = ops.unsupported_reasons(provider, case.op, device, case.dtype, case.params["d"])
+        reason = "; ".join(reasons) or None
         if reason is None and provider == "triton" and torch.device(device).type == "cpu" and not explicit:
             return "Triton under the CPU interpreter: timings would be meaningless (name it in --providers to run it anyway)"
         return reason

@@ -76,9 +76,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     reason = native.unavailable_reason()
-    info = native.info()
+    status = native.extension_status()
     print(f"# native vs torch vs reference on the CPU: {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}, native ISA {info['cpu_isa']}"
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}, native ISA {status['cpu_isa']}"
           + (f" (native unavailable: {reason})" if reason else ""))
     print()
     print("| op | mode | shape | dtype | native ms | torch ms | reference ms | native speed-up vs torch |")

@@ -59,7 +59,7 @@ class Setup:
     """
 
     def __init__(self, method: str, spec: tuple, res: int, device, autocast_dtype, lora_rank: int = 16,
-                 op_backend: str = "auto", side_size: Optional[int] = None, frozen_dtype: Optional[str] = None,
+                 fusion_backend: str = "auto", side_size: Optional[int] = None, frozen_dtype: Optional[str] = None,
                  feature_dtype: Optional[str] = None):
         self.method, self.res, self.device = method, res, torch.device(device)
         self.autocast_dtype = autocast_dtype
@@ -70,10 +70,12 @@ class Setup:
         with torch.device(self.device):
             if self.is_fpt:
                 self.config = FPTConfig.preset(preset_of(method), backbone=name, backbone_kwargs=dict(kwargs),
-                                               image_size=res, num_classes=NUM_CLASSES, op_backend=op_backend,
+                                               image_size=res, num_classes=NUM_CLASSES,
                                                frozen_dtype=frozen_dtype, feature_dtype=feature_dtype,
                                                **({} if side_size is None else {"side_input_size": side_size}))
                 self.model = FPT(self.config)
+                # Only the fusion's prompt attention is pinned; the frozen branch keeps "auto".
+                self.model.fusion.backend = fusion_backend
                 self.trainable = list(self.model.trainable_parameters())
                 self.learnable_share = self.model.learnable_share()
             else:
@@ -312,7 +314,7 @@ def _sweep_batches(args, device, budget, gen, spec, res, method, autocast, dtype
 
 # ----------------------------------------------------------------- device-independent account
 def account(method: str, spec: tuple, res: int, batches: Sequence[int], target_batch: int,
-            device="cpu", seed: int = 0, lora_rank: int = 16, op_backend: str = "auto",
+            device="cpu", seed: int = 0, lora_rank: int = 16, fusion_backend: str = "auto",
             side_size: Optional[int] = None, feature_dtype: Optional[str] = None) -> dict:
     """Memory of one training step that does not depend on the GPU or its allocator, in bytes.
 
@@ -330,7 +332,7 @@ def account(method: str, spec: tuple, res: int, batches: Sequence[int], target_b
     gen = torch.Generator(device=device).manual_seed(seed)
     # fp32 everywhere, the frozen branch included (it defaults to bf16 on GPUs): the same figures
     # whichever device computes them.
-    setup = Setup(method, spec, res, device, None, lora_rank, op_backend, side_size, frozen_dtype="float32",
+    setup = Setup(method, spec, res, device, None, lora_rank, fusion_backend, side_size, frozen_dtype="float32",
                   feature_dtype=feature_dtype)
     measured = {}
     for b in batches:
@@ -387,8 +389,8 @@ def account_op_backend(requested: str, device) -> str:
 
     if requested != "auto":
         return requested
-    probe = ops.unsupported_reason("triton", "prompt_attention", torch.device(device), torch.float32, 64)
-    return "triton" if probe is None else "torch"
+    probe = ops.unsupported_reasons("triton", "prompt_attention", device)
+    return "torch" if probe else "triton"
 
 
 def accounting_rows(args, budget: common.Budget) -> List[dict]:
@@ -406,10 +408,10 @@ def accounting_rows(args, budget: common.Budget) -> List[dict]:
         if "fpt" in method and not method.startswith("reference"):
             r.update(fusion_backend=fusion_backend, feature_dtype=args.feature_dtype or "float32")
             if not method.endswith("_preloaded"):
-                from fpt_fast.model.frozen import resolve_attention_backend
+                from fpt_fast import ops
 
                 # What the online step's frozen branch ran here ("auto" differs between devices).
-                r["frozen_attention"] = resolve_attention_backend("auto", device, torch.float32)
+                r["frozen_attention"] = ops.auto_choices(device)["attention_with_importance"]
         reason = unavailable_reason(method) or (budget.reason if budget.expired() else None)
         if reason:
             r.update(status="skipped", reason=reason)
@@ -417,7 +419,7 @@ def accounting_rows(args, budget: common.Budget) -> List[dict]:
             continue
         try:
             r.update(account(method, spec, args.account_res, args.account_batches, args.account_batch,
-                             device=device, seed=args.seed, lora_rank=args.lora_rank, op_backend=fusion_backend,
+                             device=device, seed=args.seed, lora_rank=args.lora_rank, fusion_backend=fusion_backend,
                              side_size=args.side_size, feature_dtype=args.feature_dtype))
         except Exception as exc:  # one method failing must not lose the others' figures
             r.update(common.failure_fields(exc))

@@ -1,6 +1,7 @@
 // fpt_fast native extension: CPU attention kernels of FPT (docs/method.md, sections 2, 4 and 10).
 //
-//   token_importance_cpu           s_j = (1/N) sum_i exp(q_i.k_j/sqrt(d) - LSE_i), LSE given or computed
+//   token_importance_cpu           s_j = (1/N) sum_i exp(q_i.k_j/sqrt(d) - LSE_i), LSE given or computed;
+//                                  or the class token's c_j = exp(q_0.k_j/sqrt(d) - LSE_0) (query row 0 only)
 //   attention_with_importance_cpu  softmax(q k^T/sqrt(d)) v and the importance (global or class token)
 //   prompt_attention_cpu           P prompt queries over n selected keys per (l, b, h): out and row LSE
 //   prompt_attention_backward_cpu  dq, dk, dv from the saved LSE (probabilities recomputed, never stored)
@@ -93,10 +94,11 @@ void softmax_rows(const MathKernels& mk, float* S, int64_t ld, int64_t rows, int
 template <typename T>
 struct SelfAttention {
   int64_t B, H, N, d;
+  int64_t M;                   // query rows walked: N, or 1 for the class token's importance alone
   Strided<T> q, k, v;          // v.data == nullptr: importance only
   const float* lse;            // optional (B, H, N) float32, strides below
   int64_t lse_s0, lse_s1, lse_s2;
-  bool class_token;            // scores = probabilities of query row 0 (needs v: attention op only)
+  bool class_token;            // scores = probabilities of query row 0
   T* out;                      // (B, H, N, d) contiguous, or nullptr
   float* scores;               // (B, H, N) contiguous
   float* partial;              // (B * H, groups, N): per-group column sums (global mode)
@@ -105,7 +107,7 @@ struct SelfAttention {
   void run_item(int64_t item, std::vector<float>& buf) const {
     const MathKernels& mk = cpu::math();
     const int64_t bh = item / groups, g = item % groups, b = bh / H, h = bh % H;
-    const int64_t row_begin = g * group_rows, row_end = std::min(N, row_begin + group_rows);
+    const int64_t row_begin = g * group_rows, row_end = std::min(M, row_begin + group_rows);
     const int64_t Np = round_up(N, kColPad), dp = round_up(d, kColPad);
     const bool with_v = v.data != nullptr;
     const float scale = 1.0f / std::sqrt(static_cast<float>(d));
@@ -143,8 +145,8 @@ struct SelfAttention {
   }
 
   void run() {
-    group_rows = round_up(std::max(kMinGroupRows, (N + kMaxGroups - 1) / kMaxGroups), kBlockRows);
-    groups = (N + group_rows - 1) / group_rows;
+    group_rows = round_up(std::max(kMinGroupRows, (M + kMaxGroups - 1) / kMaxGroups), kBlockRows);
+    groups = (M + group_rows - 1) / group_rows;
     std::vector<float> partial_buf(class_token ? 0 : B * H * groups * N);
     partial = partial_buf.data();
     at::parallel_for(0, B * H * groups, 1, [&](int64_t begin, int64_t end) {
@@ -196,6 +198,8 @@ std::tuple<at::Tensor, at::Tensor> self_attention(const at::Tensor& q_in, const 
     using T = decltype(tag);
     SelfAttention<T> job{};
     job.B = B; job.H = H; job.N = N; job.d = d;
+    // Without v only the scores are wanted, and the class token's need query row 0 alone.
+    job.M = (class_token && v_in == nullptr) ? 1 : N;
     job.q = strided4<T>(q);
     job.k = strided4<T>(k);
     job.v = v_in ? strided4<T>(v) : Strided<T>{nullptr, 0, 0, 0, 0};
@@ -358,7 +362,8 @@ PromptShapes<T> prompt_shapes(const at::Tensor& q, const at::Tensor& k, const at
 }  // namespace
 
 // ---------------------------------------------------------------------------------- the ops
-at::Tensor token_importance_cpu(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& lse) {
+at::Tensor token_importance_cpu(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& lse,
+                                bool class_token) {
   check_qk(q, k, "token_importance");
   if (lse.has_value()) {
     const at::Tensor& l = *lse;
@@ -368,7 +373,7 @@ at::Tensor token_importance_cpu(const at::Tensor& q, const at::Tensor& k, const 
                 "fpt_fast_native.token_importance: lse ", l.sizes(), " must be (B, H, N) = ", q.sizes().slice(0, 3));
     TORCH_CHECK(l.device() == q.device(), "fpt_fast_native.token_importance: lse must be on q's device");
   }
-  return std::get<1>(self_attention(q, k, nullptr, lse.has_value() ? &*lse : nullptr, false));
+  return std::get<1>(self_attention(q, k, nullptr, lse.has_value() ? &*lse : nullptr, class_token));
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_with_importance_cpu(const at::Tensor& q, const at::Tensor& k,

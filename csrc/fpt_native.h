@@ -42,7 +42,8 @@ inline void dispatch_float(at::ScalarType t, const char* name, F&& f) {
 }
 
 // ---------------------------------------------------------------------------------- CPU ops
-at::Tensor token_importance_cpu(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& lse);
+at::Tensor token_importance_cpu(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& lse,
+                                bool class_token);
 std::tuple<at::Tensor, at::Tensor> attention_with_importance_cpu(const at::Tensor& q, const at::Tensor& k,
                                                                  const at::Tensor& v, bool class_token);
 std::tuple<at::Tensor, at::Tensor> select_tokens_cpu(const at::Tensor& scores, const at::Tensor& k,

@@ -1,13 +1,18 @@
 // fpt_fast native extension: op schemas (namespace fpt_fast_native) and the CPU kernel registrations.
 //
-// The library is an ordinary shared object: loading it (import fpt_fast._C when built ahead of time,
+// The library is an ordinary shared object: loading it (import fpt_fast.ops._C when built ahead of time,
 // or torch.ops.load_library after a JIT build) runs these static registrations, and the ops are then
 // torch.ops.fpt_fast_native.*, dispatched by device. The CUDA kernels register themselves from the .cu
-// file when it is part of the build. No autograd kernels here: fpt_fast/ops/native_backend.py wraps
-// prompt_attention in a torch.autograd.Function whose backward is prompt_attention_backward.
+// file when it is part of the build. No autograd kernels or fake implementations here:
+// fpt_fast/ops/native_backend.py registers them from Python once the library is loaded (the backward of
+// prompt_attention is prompt_attention_backward).
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <mutex>
+#include <set>
 #include <string>
+#include <thread>
 
 #include "cpu_math.h"
 #include "fpt_native.h"
@@ -15,16 +20,31 @@
 namespace {
 // Which vector path the CPU kernels picked (cpu_math.cpp): for fpt_fast.ops.native_backend and the tests.
 std::string cpu_isa() { return fpt_native::cpu::math().isa; }
+
+// How many distinct threads ran the chunks of an at::parallel_for over `items` items of grain 1: the
+// check that this build runs the kernels' loops in parallel (with OpenMP, the chunk split is fixed
+// by the thread count, so the answer does not depend on how busy the machine is; without -fopenmp
+// torch's inline OpenMP loop runs serially and the answer is 1).
+int64_t parallel_for_threads(int64_t items) {
+  std::mutex mutex;
+  std::set<std::thread::id> seen;
+  at::parallel_for(0, items, 1, [&](int64_t, int64_t) {
+    std::lock_guard<std::mutex> guard(mutex);
+    seen.insert(std::this_thread::get_id());
+  });
+  return static_cast<int64_t>(seen.size());
+}
 }  // namespace
 
 TORCH_LIBRARY(fpt_fast_native, m) {
-  m.def("token_importance(Tensor q, Tensor k, Tensor? lse) -> Tensor");
+  m.def("token_importance(Tensor q, Tensor k, Tensor? lse, bool class_token) -> Tensor");
   m.def("attention_with_importance(Tensor q, Tensor k, Tensor v, bool class_token) -> (Tensor, Tensor)");
   m.def("select_tokens(Tensor scores, Tensor k, Tensor v, int n, ScalarType? out_dtype) -> (Tensor, Tensor)");
   m.def("prompt_attention(Tensor q, Tensor k, Tensor v) -> (Tensor, Tensor)");
   m.def("prompt_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor lse, "
         "bool need_kv_grad) -> (Tensor, Tensor, Tensor)");
   m.def("cpu_isa() -> str", &cpu_isa);
+  m.def("parallel_for_threads(int items) -> int", &parallel_for_threads);
 }
 
 TORCH_LIBRARY_IMPL(fpt_fast_native, CPU, m) {

@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 
 from .model import (FPT, FineGrainedFusion, FPTConfig, FrozenBranch, FrozenFeatures, LearnableBranch, SideViT,
                     load_official_checkpoint)
-from .ops import backends, get_backend, set_backend, use_backend
+from .ops import backend_table, get_backend, set_backend, use_backend
 
 __all__ = ["FPT", "FPTConfig", "FineGrainedFusion", "FrozenBranch", "FrozenFeatures", "LearnableBranch", "SideViT",
-           "load_official_checkpoint", "backends", "get_backend", "set_backend", "use_backend", "__version__"]
+           "load_official_checkpoint", "backend_table", "get_backend", "set_backend", "use_backend", "__version__"]

@@ -24,9 +24,10 @@ Layout and limits:
   through); P to a power of two >= 16, at most MAX_BLOCK_P rows per program. Larger P is split:
   forward over a second grid axis, backward over several launches that accumulate dK/dV in fp32.
 - Keys are processed in blocks of BLOCK_N; full blocks run unmasked, the last partial one masked.
-- fp32 inputs use IEEE dots (matches an fp32/fp64 reference tightly); fp16/bf16 use tensor-core dots
-  with fp32 accumulation, the probabilities / dS rounded to the input dtype before their products.
-  Under the interpreter, bf16 dots are done in fp32 instead (its bf16 tl.dot is broken).
+- fp32 dots follow the package's one policy (_common.dot_precision): "tf32x3" on GPUs with TF32
+  (sm_80+), "ieee" elsewhere and under the interpreter. fp16/bf16 use tensor-core dots with fp32
+  accumulation, the probabilities / dS rounded to the input dtype before their products. Under the
+  interpreter, bf16 dots are done in fp32 instead (UPCAST_DOT: its bf16 tl.dot is broken).
 
 Caution: tested under TRITON_INTERPRET=1 on the CPU (Triton 3.8) and once on one H100 (Triton 3.6,
 torch 2.11; tests/ops/test_prompt_attention.py passed there, realistic sizes included); no other GPU yet.
@@ -34,7 +35,8 @@ Measured there at L=12, B=64, H=12, P=16, n=205, d=64, bf16: forward 185 us (2.6
 forward + backward through autograd about 1.1 ms, so the backward is not yet at memory speed. The
 fp32 path (IEEE dots on FMA units) is slower than PyTorch's SDPA. Block sizes are untuned guesses.
 The later switch to stride-preserving gradient buffers and the tiled dQ chunk reduction has run only
-under the interpreter.
+under the interpreter. The fp32 path used IEEE dots when it was measured; it now takes "tf32x3" on
+sm_80+ GPUs like the other kernels, which has not yet been checked on a GPU for this kernel.
 """
 from __future__ import annotations
 
@@ -45,8 +47,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-# Host-side only: jit code cannot read non-constexpr globals, so the kernels spell their constants.
-LOG2E = 1.4426950408889634
+from ._common import (LN2_JIT, LOG2E, LOG2E_JIT, block_d, device_guard, dot, dot_precision, load_tile,
+                      store_tile, upcast_dot)
 
 # Largest prompt block one program holds; more prompts are split (see the header).
 MAX_BLOCK_P = 64
@@ -56,57 +58,23 @@ TARGET_PROGRAMS = 2048
 
 # ------------------------------------------------------------------------------------ kernels
 @triton.jit
-def _load_tile(ptrs, row_ok, col_ok, MASK_ROW: tl.constexpr, MASK_COL: tl.constexpr):
-    """Loads a 2-D tile, masking only the axes that can run past the tensor (zeros there)."""
-    if MASK_ROW:
-        if MASK_COL:
-            x = tl.load(ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-        else:
-            x = tl.load(ptrs, mask=row_ok[:, None], other=0.0)
-    else:
-        if MASK_COL:
-            x = tl.load(ptrs, mask=col_ok[None, :], other=0.0)
-        else:
-            x = tl.load(ptrs)
-    return x
-
-
-@triton.jit
-def _load_kv(k_base, v_base, keys, k_ok, offs_d, d_ok, stride_kn, stride_kd, stride_vn, stride_vd,
-             MASK_N: tl.constexpr, EVEN_D: tl.constexpr):
-    """The (BLOCK_N, BLOCK_D) tiles of K and V for the given key indices, masked where needed."""
-    k = _load_tile(k_base + keys[:, None] * stride_kn + offs_d[None, :] * stride_kd, k_ok, d_ok,
-                   MASK_N, not EVEN_D)
-    v = _load_tile(v_base + keys[:, None] * stride_vn + offs_d[None, :] * stride_vd, k_ok, d_ok,
-                   MASK_N, not EVEN_D)
-    return k, v
-
-
-@triton.jit
-def _store_tile(ptrs, x, row_ok, col_ok, MASK_ROW: tl.constexpr, MASK_COL: tl.constexpr):
-    """Stores a 2-D tile, masking only the axes that can run past the tensor."""
-    if MASK_ROW:
-        if MASK_COL:
-            tl.store(ptrs, x, mask=row_ok[:, None] & col_ok[None, :])
-        else:
-            tl.store(ptrs, x, mask=row_ok[:, None])
-    else:
-        if MASK_COL:
-            tl.store(ptrs, x, mask=col_ok[None, :])
-        else:
-            tl.store(ptrs, x)
-
-
-@triton.jit
-def _dot(a, b, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
-    """a @ b in fp32. UPCAST_DOT multiplies in fp32 instead: only for bf16 under Triton's
-    interpreter, whose tl.dot multiplies the raw bf16 bit patterns (triton-lang/triton#11584).
-    Exact products summed in fp32 are what a bf16 tensor-core dot computes too."""
-    if UPCAST_DOT:
-        c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        c = tl.dot(a, b, input_precision=DOT_PRECISION)
-    return c
+def _key_block(q, k_base, v_base, start, N, qk_scale, offs_n, offs_d, d_ok, stride_kn, stride_kd, stride_vn,
+               stride_vd, MASK_N: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+               UPCAST_DOT: tl.constexpr):
+    """Keys [start, start + BLOCK_N): their indices, which are inside, the (BLOCK_N, BLOCK_D) tiles of
+    K and V (masked where needed) and the logits q K^T * qk_scale in log2 units, -inf past N."""
+    keys = start + offs_n
+    k_ok = keys < N
+    k = load_tile(k_base + keys[:, None] * stride_kn + offs_d[None, :] * stride_kd, k_ok, d_ok,
+                  MASK_N, not EVEN_D)
+    v = load_tile(v_base + keys[:, None] * stride_vn + offs_d[None, :] * stride_vd, k_ok, d_ok,
+                  MASK_N, not EVEN_D)
+    s = dot(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT) * qk_scale
+    if MASK_N:
+        # Padded keys load as zeros: their logits must not count in the forward's softmax, nor
+        # overflow exp(0 - lse) into 0 * inf in the backward.
+        s = tl.where(k_ok[None, :], s, float("-inf"))
+    return keys, k_ok, k, v, s
 
 
 @triton.jit
@@ -118,19 +86,14 @@ def _fwd_key_block(acc, m_i, l_i, q, k_base, v_base, start, N, qk_scale,
 
     acc (BLOCK_P, BLOCK_D) fp32, m_i / l_i (BLOCK_P,) running max and sum; q (BLOCK_P, BLOCK_D).
     """
-    keys = start + offs_n
-    k_ok = keys < N
-    k, v = _load_kv(k_base, v_base, keys, k_ok, offs_d, d_ok, stride_kn, stride_kd, stride_vn, stride_vd,
-                    MASK_N, EVEN_D)
-    s = _dot(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT) * qk_scale
-    if MASK_N:
-        s = tl.where(k_ok[None, :], s, float("-inf"))
+    _, _, k, v, s = _key_block(q, k_base, v_base, start, N, qk_scale, offs_n, offs_d, d_ok, stride_kn, stride_kd,
+                               stride_vn, stride_vd, MASK_N, EVEN_D, DOT_PRECISION, UPCAST_DOT)
     # Every processed block holds at least one real key, so m_new is finite and alpha never NaN.
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PRECISION, UPCAST_DOT)
+    acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, DOT_PRECISION, UPCAST_DOT)
     return acc, m_new, l_i
 
 
@@ -164,8 +127,8 @@ def _prompt_attention_fwd_kernel(
     d_ok = offs_d < HEAD_DIM
 
     q_base = Q + l * stride_ql + b * stride_qb + h * stride_qh
-    q = _load_tile(q_base + offs_p[:, None] * stride_qp + offs_d[None, :] * stride_qd, p_ok, d_ok,
-                   not EVEN_P, not EVEN_D)
+    q = load_tile(q_base + offs_p[:, None] * stride_qp + offs_d[None, :] * stride_qd, p_ok, d_ok,
+                  not EVEN_P, not EVEN_D)
     k_base = K + l * stride_kl + b * stride_kb + h * stride_kh
     v_base = V + l * stride_vl + b * stride_vb + h * stride_vh
 
@@ -185,8 +148,8 @@ def _prompt_attention_fwd_kernel(
     out = acc / l_i[:, None]
     o_ptrs = (O + l * stride_ol + b * stride_ob + offs_p[:, None] * stride_op
               + (h * HEAD_DIM + offs_d[None, :]) * stride_od)
-    _store_tile(o_ptrs, out.to(O.dtype.element_ty), p_ok, d_ok, not EVEN_P, not EVEN_D)
-    lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # log2 units back to natural log
+    store_tile(o_ptrs, out.to(O.dtype.element_ty), p_ok, d_ok, not EVEN_P, not EVEN_D)
+    lse = (m_i + tl.log2(l_i)) * LN2_JIT  # log2 units back to natural log
     lse_ptrs = LSE + l * stride_sl + b * stride_sb + h * stride_sh + offs_p * stride_sp
     if EVEN_P:
         tl.store(lse_ptrs, lse)
@@ -204,28 +167,22 @@ def _bwd_key_block(dq_acc, q, do, lse2, delta, k_base, v_base, dk_base, dv_base,
     """Gradients through keys [start, start + BLOCK_N): returns dq_acc += dS K (unscaled); when
     NEED_KV also writes dV = Pr^T dO and dK = dS^T Q * scale for these keys (added to what is
     there, in fp32, when ACC_KV). lse2 = lse * log2(e); delta = rowsum(dO * O)."""
-    keys = start + offs_n
-    k_ok = keys < N
-    k, v = _load_kv(k_base, v_base, keys, k_ok, offs_d, d_ok, stride_kn, stride_kd, stride_vn, stride_vd,
-                    MASK_N, EVEN_D)
-    s = _dot(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT) * qk_scale
-    if MASK_N:
-        # Padded keys load as zeros; without this their exp(0 - lse) could overflow into 0 * inf.
-        s = tl.where(k_ok[None, :], s, float("-inf"))
+    keys, k_ok, k, v, s = _key_block(q, k_base, v_base, start, N, qk_scale, offs_n, offs_d, d_ok, stride_kn,
+                                     stride_kd, stride_vn, stride_vd, MASK_N, EVEN_D, DOT_PRECISION, UPCAST_DOT)
     p = tl.exp2(s - lse2[:, None])
-    dp = _dot(do, tl.trans(v), DOT_PRECISION, UPCAST_DOT)
+    dp = dot(do, tl.trans(v), DOT_PRECISION, UPCAST_DOT)
     ds = p * (dp - delta[:, None])
-    dq_acc += _dot(ds.to(k.dtype), k, DOT_PRECISION, UPCAST_DOT)
+    dq_acc += dot(ds.to(k.dtype), k, DOT_PRECISION, UPCAST_DOT)
     if NEED_KV:
-        dv = _dot(tl.trans(p.to(do.dtype)), do, DOT_PRECISION, UPCAST_DOT)
-        dk = _dot(tl.trans(ds.to(q.dtype)), q, DOT_PRECISION, UPCAST_DOT) * sm_scale
+        dv = dot(tl.trans(p.to(do.dtype)), do, DOT_PRECISION, UPCAST_DOT)
+        dk = dot(tl.trans(ds.to(q.dtype)), q, DOT_PRECISION, UPCAST_DOT) * sm_scale
         dk_ptrs = dk_base + keys[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
         dv_ptrs = dv_base + keys[:, None] * stride_dvn + offs_d[None, :] * stride_dvd
         if ACC_KV:
-            dk += _load_tile(dk_ptrs, k_ok, d_ok, MASK_N, not EVEN_D)
-            dv += _load_tile(dv_ptrs, k_ok, d_ok, MASK_N, not EVEN_D)
-        _store_tile(dk_ptrs, dk.to(dk_base.dtype.element_ty), k_ok, d_ok, MASK_N, not EVEN_D)
-        _store_tile(dv_ptrs, dv.to(dv_base.dtype.element_ty), k_ok, d_ok, MASK_N, not EVEN_D)
+            dk += load_tile(dk_ptrs, k_ok, d_ok, MASK_N, not EVEN_D)
+            dv += load_tile(dv_ptrs, k_ok, d_ok, MASK_N, not EVEN_D)
+        store_tile(dk_ptrs, dk.to(dk_base.dtype.element_ty), k_ok, d_ok, MASK_N, not EVEN_D)
+        store_tile(dv_ptrs, dv.to(dv_base.dtype.element_ty), k_ok, d_ok, MASK_N, not EVEN_D)
     return dq_acc
 
 
@@ -269,20 +226,20 @@ def _prompt_attention_bwd_kernel(
     b_start = c * B_CHUNK
     b_stop = tl.minimum(b_start + B_CHUNK, B)
     for b in range(b_start, b_stop):
-        q = _load_tile(Q + l * stride_ql + b * stride_qb + h * stride_qh
-                       + offs_p[:, None] * stride_qp + offs_d[None, :] * stride_qd,
-                       p_ok, d_ok, not EVEN_P, not EVEN_D)
+        q = load_tile(Q + l * stride_ql + b * stride_qb + h * stride_qh
+                      + offs_p[:, None] * stride_qp + offs_d[None, :] * stride_qd,
+                      p_ok, d_ok, not EVEN_P, not EVEN_D)
         cols = h * HEAD_DIM + offs_d[None, :]
-        do = _load_tile(DO + l * stride_gl + b * stride_gb + offs_p[:, None] * stride_gp
-                        + cols * stride_gd, p_ok, d_ok, not EVEN_P, not EVEN_D)
-        o = _load_tile(O + l * stride_ol + b * stride_ob + offs_p[:, None] * stride_op
-                       + cols * stride_od, p_ok, d_ok, not EVEN_P, not EVEN_D)
+        do = load_tile(DO + l * stride_gl + b * stride_gb + offs_p[:, None] * stride_gp
+                       + cols * stride_gd, p_ok, d_ok, not EVEN_P, not EVEN_D)
+        o = load_tile(O + l * stride_ol + b * stride_ob + offs_p[:, None] * stride_op
+                      + cols * stride_od, p_ok, d_ok, not EVEN_P, not EVEN_D)
         # The delta pre-pass is fused: P x d per (l, b, h) is too small to earn its own launch.
         delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
         # Padded prompt rows get lse = +inf, so their probabilities are exactly 0.
         lse = tl.load(LSE + l * stride_sl + b * stride_sb + h * stride_sh + offs_p * stride_sp,
                       mask=p_ok, other=float("inf"))
-        lse2 = lse * 1.4426950408889634
+        lse2 = lse * LOG2E_JIT
 
         k_base = K + l * stride_kl + b * stride_kb + h * stride_kh
         v_base = V + l * stride_vl + b * stride_vb + h * stride_vh
@@ -304,7 +261,7 @@ def _prompt_attention_bwd_kernel(
     dq = dq_acc * sm_scale
     dq_ptrs = (DQ + l * stride_dql + c * stride_dqc + h * stride_dqh
                + offs_p[:, None] * stride_dqp + offs_d[None, :] * stride_dqd)
-    _store_tile(dq_ptrs, dq.to(DQ.dtype.element_ty), p_ok, d_ok, not EVEN_P, not EVEN_D)
+    store_tile(dq_ptrs, dq.to(DQ.dtype.element_ty), p_ok, d_ok, not EVEN_P, not EVEN_D)
 
 
 @triton.jit
@@ -333,19 +290,11 @@ def _sum_chunks_kernel(X, Y, C, P,
 
 
 # ---------------------------------------------------------------------------------- launchers
-# Under TRITON_INTERPRET=1, triton.jit returns an interpreted function (decided when triton loads).
-_INTERPRETED = type(_prompt_attention_fwd_kernel).__name__ == "InterpretedFunction"
-
-
-def _block_d(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))
-
-
 def _block_p(P: int) -> int:
     return min(max(16, triton.next_power_of_2(P)), MAX_BLOCK_P)
 
 
-def _fwd_config(n: int, d: int) -> dict:
+def _fwd_config(n: int) -> dict:
     """Key block and launch shape of the forward kernel."""
     # 64 keys per step covers n = 205 in 4 steps; small n use one bucketed block.
     return dict(BLOCK_N=min(64, max(16, triton.next_power_of_2(n))), num_warps=4, num_stages=2)
@@ -356,15 +305,6 @@ def _bwd_config(n: int, d: int) -> dict:
     # Large heads halve the key block to keep the K/V and dK/dV tiles in registers.
     cap = 64 if d <= 64 else 32
     return dict(BLOCK_N=min(cap, max(16, triton.next_power_of_2(n))), num_warps=4, num_stages=2)
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    # IEEE fp32 dots keep the fp32 path within ~1e-6 of an fp64 reference; 16-bit dots ignore it.
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def _upcast_dot(dtype: torch.dtype) -> bool:
-    return dtype == torch.bfloat16 and _INTERPRETED
 
 
 def _q_strides(q: Tensor) -> Tuple[int, int, int, int, int]:
@@ -383,16 +323,17 @@ def prompt_attention_forward(q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, T
     P = q.shape[-2]
     out = torch.empty((L, B, P, H * d), device=q.device, dtype=q.dtype)
     lse = torch.empty((L, B, H, P), device=q.device, dtype=torch.float32)
-    block_p, block_d = _block_p(P), _block_d(d)
+    block_p, bd = _block_p(P), block_d(d)
     grid = (L * B * H, triton.cdiv(P, block_p))
-    _prompt_attention_fwd_kernel[grid](
-        q, k, v, out, lse,
-        *_q_strides(q), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
-        B, H, P, n, d ** -0.5 * LOG2E,
-        HEAD_DIM=d, BLOCK_P=block_p, BLOCK_D=block_d,
-        EVEN_P=P % block_p == 0, EVEN_D=d == block_d, DOT_PRECISION=_dot_precision(q.dtype),
-        UPCAST_DOT=_upcast_dot(q.dtype), **_fwd_config(n, d),
-    )
+    with device_guard(q):
+        _prompt_attention_fwd_kernel[grid](
+            q, k, v, out, lse,
+            *_q_strides(q), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
+            B, H, P, n, d ** -0.5 * LOG2E,
+            HEAD_DIM=d, BLOCK_P=block_p, BLOCK_D=bd,
+            EVEN_P=P % block_p == 0, EVEN_D=d == bd, DOT_PRECISION=dot_precision(q),
+            UPCAST_DOT=upcast_dot(q.dtype), **_fwd_config(n),
+        )
     return out, lse
 
 
@@ -415,7 +356,7 @@ def prompt_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor,
     L, B, H, n, d = k.shape
     P = q.shape[-2]
     dtype = q.dtype
-    block_p, block_d = _block_p(P), _block_d(d)
+    block_p, bd = _block_p(P), block_d(d)
     config = _bwd_config(n, d)
     chunk = _batch_chunk(q, L, B, H)
     C = triton.cdiv(B, chunk)
@@ -436,27 +377,28 @@ def prompt_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor,
     else:
         dk, dv = k, v  # placeholders with valid pointers; NEED_KV=False compiles their use away
 
-    for i, p0 in enumerate(range(0, P, block_p)):
-        p1 = min(P, p0 + block_p)
-        q_i = q[..., p0:p1, :]
-        dq_i = dq_buf[..., p0:p1, :]
-        _prompt_attention_bwd_kernel[(L * H * C,)](
-            q_i, k, v, out[:, :, p0:p1], grad_out[:, :, p0:p1], lse[..., p0:p1], dq_i, dk, dv,
-            *_q_strides(q_i), *k.stride(), *v.stride(), *out[:, :, p0:p1].stride(),
-            *grad_out[:, :, p0:p1].stride(), *lse[..., p0:p1].stride(), *dq_i.stride(),
-            *dk.stride(), *dv.stride(),
-            B, H, p1 - p0, n, chunk, d ** -0.5 * LOG2E, d ** -0.5,
-            HEAD_DIM=d, BLOCK_P=block_p, BLOCK_D=block_d,
-            EVEN_P=(p1 - p0) == block_p, EVEN_D=d == block_d, NEED_KV=bool(need_kv_grad),
-            ACC_KV=i > 0, DOT_PRECISION=_dot_precision(dtype),
-            UPCAST_DOT=_upcast_dot(dtype), **config,
-        )
+    with device_guard(q):
+        for i, p0 in enumerate(range(0, P, block_p)):
+            p1 = min(P, p0 + block_p)
+            q_i = q[..., p0:p1, :]
+            dq_i = dq_buf[..., p0:p1, :]
+            _prompt_attention_bwd_kernel[(L * H * C,)](
+                q_i, k, v, out[:, :, p0:p1], grad_out[:, :, p0:p1], lse[..., p0:p1], dq_i, dk, dv,
+                *_q_strides(q_i), *k.stride(), *v.stride(), *out[:, :, p0:p1].stride(),
+                *grad_out[:, :, p0:p1].stride(), *lse[..., p0:p1].stride(), *dq_i.stride(),
+                *dk.stride(), *dv.stride(),
+                B, H, p1 - p0, n, chunk, d ** -0.5 * LOG2E, d ** -0.5,
+                HEAD_DIM=d, BLOCK_P=block_p, BLOCK_D=bd,
+                EVEN_P=(p1 - p0) == block_p, EVEN_D=d == bd, NEED_KV=bool(need_kv_grad),
+                ACC_KV=i > 0, DOT_PRECISION=dot_precision(q),
+                UPCAST_DOT=upcast_dot(dtype), **config,
+            )
 
-    if shared and C > 1:
-        _sum_chunks_kernel[(L * H, triton.cdiv(P, block_p))](
-            dq_buf, dq, C, P, *dq_buf.stride()[:4], *dq.stride(), H,
-            HEAD_DIM=d, BLOCK_P=block_p, BLOCK_D=block_d,
-        )
+        if shared and C > 1:
+            _sum_chunks_kernel[(L * H, triton.cdiv(P, block_p))](
+                dq_buf, dq, C, P, *dq_buf.stride()[:4], *dq.stride(), H,
+                HEAD_DIM=d, BLOCK_P=block_p, BLOCK_D=bd,
+            )
     if not need_kv_grad:
         return dq, None, None
     if kv_dtype != dtype:

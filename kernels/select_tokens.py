@@ -49,6 +49,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._common import block_d, device_guard
+
 # Rows up to this many tokens take the single-chunk path; longer rows loop over chunks of it
 # (16384 was slower on an H100: register pressure of the whole row).
 MAX_BLOCK_N = 8192
@@ -161,15 +163,16 @@ def select_tokens_forward(scores: Tensor, k: Tensor, v: Tensor, n: int, out_dtyp
     B, H, N, d = k.shape
     k_sel = torch.empty((B, H, n, d), device=k.device, dtype=out_dtype)
     v_sel = torch.empty((B, H, n, d), device=v.device, dtype=out_dtype)
-    BLOCK_D = max(16, triton.next_power_of_2(d))
+    BLOCK_D = block_d(d)
     BLOCK_N = block_n or min(MAX_BLOCK_N, max(16, triton.next_power_of_2(N)))
     BLOCK_G = block_g or min(max(16, triton.next_power_of_2(N)), max(16, GATHER_TILE // BLOCK_D))
     num_warps = 8 if max(BLOCK_N, BLOCK_G * BLOCK_D) >= 4096 else 4
-    _select_tokens_kernel[(B * H,)](
-        scores, k, v, k_sel, v_sel,
-        H, N, n, d,
-        *scores.stride(), *k.stride(), *v.stride(),
-        BLOCK_N=BLOCK_N, BLOCK_G=BLOCK_G, BLOCK_D=BLOCK_D, SINGLE_CHUNK=N <= BLOCK_N,
-        num_warps=num_warps,
-    )
+    with device_guard(k):
+        _select_tokens_kernel[(B * H,)](
+            scores, k, v, k_sel, v_sel,
+            H, N, n, d,
+            *scores.stride(), *k.stride(), *v.stride(),
+            BLOCK_N=BLOCK_N, BLOCK_G=BLOCK_G, BLOCK_D=BLOCK_D, SINGLE_CHUNK=N <= BLOCK_N,
+            num_warps=num_warps,
+        )
     return k_sel, v_sel

@@ -1,10 +1,12 @@
-"""Token importance without N x N memory: a flash-attention forward that keeps the row LSE, and a
-column-sum kernel that turns (q, k, LSE) into FPT's "global" importance (docs/method.md, sections 2 and 10).
+"""Token importance without N x N memory: a flash-attention forward that keeps the row LSE, a
+column-sum kernel that turns (q, k, LSE) into FPT's "global" importance, and a class-token kernel
+(docs/method.md, sections 2 and 10).
 
 Math, per batch b and head h, with scale = d ** -0.5 and i, j running over the N tokens:
     LSE_i = log sum_j exp(q_i . k_j * scale)                    natural log, float32
     out_i = sum_j exp(q_i . k_j * scale - LSE_i) v_j            softmax(q k^T * scale) v
-    s_j   = (1 / N) sum_i exp(q_i . k_j * scale - LSE_i)        mean over queries of column j
+    s_j   = (1 / N) sum_i exp(q_i . k_j * scale - LSE_i)        "global": mean over queries of column j
+    c_j   = exp(q_0 . k_j * scale - LSE_0)                      "class_token": row 0 of the softmax
 The forward is the usual online softmax over key blocks. The importance kernel holds one block of
 key columns and streams every query block past it, recomputing the q.k tile and summing
 exp(s - LSE) down the columns in float32 registers: it never writes an N x N or an N x block tile,
@@ -16,12 +18,15 @@ a power of two >= 16 and masked (so 80 and 96 work); any N >= 1, with a masked t
 compiles away when N divides the block sizes (EVEN_M / EVEN_N); any strides (q, k, v are read
 through their strides, so a view of a ViT's fused qkv needs no copy). Accumulation is float32.
 float16/bfloat16 dots run on the tensor cores, and the probabilities are rounded to v's dtype
-before the p @ v product, as in flash attention. float32 dots use input_precision="tf32x3" on
-GPUs with TF32 (float32-level error, see _dot_precision) and "ieee" elsewhere and under the
-interpreter, so float32 results track an eager float32 reference to rounding. Offsets of a (b, h)
-slice are 64-bit, so tensors above 2**31 elements are fine; offsets inside one slice are 32-bit.
-Under TRITON_INTERPRET=1 bfloat16 dot operands are widened to float32 first (F32_DOT: the
-interpreter's bfloat16 dot is wrong).
+before the p @ v product, as in flash attention. float32 dots follow _common.dot_precision
+("tf32x3" on GPUs with TF32, "ieee" elsewhere and under the interpreter), so float32 results track
+an eager float32 reference to rounding. Offsets of a (b, h) slice are 64-bit, so tensors above
+2**31 elements are fine; offsets inside one slice are 32-bit. Under TRITON_INTERPRET=1 bfloat16
+dot operands are widened to float32 first (UPCAST_DOT: the interpreter's bfloat16 dot is wrong).
+The class-token kernel reads row 0 of q once and multiplies it into each key block in float32
+registers (a matrix-vector product: no tl.dot, so no precision setting); given the forward's LSE it
+runs one program per key block, else one program per (b, h) that first computes LSE_0 (an online
+log-sum-exp over the key blocks) and then writes the scores.
 
 Caution: tested on one GPU model only, an NVIDIA H100 (Triton 3.6, PyTorch 2.11), and under
 TRITON_INTERPRET=1 on the CPU (Triton 3.8). tests/ops/test_token_importance.py passed on both with
@@ -29,11 +34,11 @@ float32 dots in "ieee"; the "tf32x3" float32 path now used on GPUs, and its floa
 were checked on the H100 only by a benchmark script against a float64 reference (ViT-B sizes and
 odd shapes, d = 16..128), not yet by the test file. Block sizes come from a small sweep on that
 H100 at ViT-B sizes, not from autotuning; other GPUs (Ampere, consumer cards with less shared
-memory) are untested and may need smaller blocks.
+memory) are untested and may need smaller blocks. The class-token kernel has run only under the
+interpreter so far; its GPU block size (64 keys, 4 warps) is an untuned guess.
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Optional, Tuple
 
 import torch
@@ -41,40 +46,35 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e))
-LN2 = 0.6931471805599453    # log(x) = log2(x) * ln(2)
-# Compiled kernels may read only constexpr globals (the interpreter does not enforce this).
-_LOG2E = tl.constexpr(LOG2E)
-_LN2 = tl.constexpr(LN2)
+from ._common import (INTERPRETED, LN2_JIT, LOG2E, LOG2E_JIT, block_d, device_guard, dot, dot_precision,
+                      load_tile, store_tile, upcast_dot)
 
 
 # ---------------------------------------------------------------------------------- kernels
 @triton.jit
-def _load_tile(ptrs, rows, n_rows, cols, n_cols, MASK_ROWS: tl.constexpr, MASK_COLS: tl.constexpr):
-    """Loads a 2-D tile, masking (with 0) only the dimensions that can run past the tensor."""
-    if MASK_ROWS:
-        if MASK_COLS:
-            x = tl.load(ptrs, mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols), other=0.0)
-        else:
-            x = tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
-    else:
-        if MASK_COLS:
-            x = tl.load(ptrs, mask=cols[None, :] < n_cols, other=0.0)
-        else:
-            x = tl.load(ptrs)
-    return x
+def _program_coords(num_inner, H):
+    """A flat grid of (B * H) x num_inner programs, the inner index fastest: (inner index, b * H + h,
+    b, h), b and h in int64 for the base offsets."""
+    pid = tl.program_id(0)
+    pid_bh = pid // num_inner
+    return pid % num_inner, pid_bh, (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
+
+
+@triton.jit
+def _tile_ptrs(X, off_b, off_h, stride_b, stride_h, rows, stride_row, cols, stride_col):
+    """Pointers of the (rows, cols) tile of slice (b, h) of a 4-D tensor read through its strides;
+    rows and cols index its own axes (tokens and head dims in either order: K is read transposed)."""
+    return X + off_b * stride_b + off_h * stride_h + rows[:, None] * stride_row + cols[None, :] * stride_col
 
 
 @triton.jit
 def _attention_step(acc, m_i, l_i, q, k_ptrs, v_ptrs, offs_n, offs_d, N, qk_scale,
                     HEAD_DIM: tl.constexpr, MASK_N: tl.constexpr, EVEN_D: tl.constexpr,
-                    HAS_V: tl.constexpr, F32_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                    HAS_V: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One key block of the online softmax. offs_n are the block's key indices; the logits are in
     log2 units (qk_scale = scale * log2(e)); m_i is the running row max, l_i the running row sum."""
-    kt = _load_tile(k_ptrs, offs_d, HEAD_DIM, offs_n, N, not EVEN_D, MASK_N)       # (BLOCK_D, BLOCK_N)
-    if F32_DOT:
-        kt = kt.to(tl.float32)
-    s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale     # (BLOCK_M, BLOCK_N)
+    kt = load_tile(k_ptrs, offs_d < HEAD_DIM, offs_n < N, not EVEN_D, MASK_N)      # (BLOCK_D, BLOCK_N)
+    s = dot(q, kt, DOT_PRECISION, UPCAST_DOT) * qk_scale              # (BLOCK_M, BLOCK_N)
     if MASK_N:
         s = tl.where(offs_n[None, :] < N, s, float("-inf"))
     # Every block holds at least one real key, so m_new is finite and no row sees (-inf) - (-inf).
@@ -83,12 +83,9 @@ def _attention_step(acc, m_i, l_i, q, k_ptrs, v_ptrs, offs_n, offs_d, N, qk_scal
     alpha = tl.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     if HAS_V:
-        v = _load_tile(v_ptrs, offs_n, N, offs_d, HEAD_DIM, MASK_N, not EVEN_D)    # (BLOCK_N, BLOCK_D)
-        p = p.to(v.dtype)  # rounded to v's dtype, as the tensor cores take it
-        if F32_DOT:
-            p = p.to(tl.float32)
-            v = v.to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
+        v = load_tile(v_ptrs, offs_n < N, offs_d < HEAD_DIM, MASK_N, not EVEN_D)   # (BLOCK_N, BLOCK_D)
+        # p is rounded to v's dtype, as the tensor cores take it.
+        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, DOT_PRECISION, UPCAST_DOT)
     return acc, m_new, l_i
 
 
@@ -102,38 +99,29 @@ def _attention_fwd_kernel(
     H, N, num_m_blocks, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, HAS_V: tl.constexpr,
-    F32_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Flash-attention forward for one (b, h) and one block of BLOCK_M query rows.
 
     Q, K, V: (B, H, N, HEAD_DIM) read through strides. Out: (B, H, N, HEAD_DIM) in Q's dtype,
     softmax(Q K^T * scale) V, written only if HAS_V. Lse: (B, H, N) float32 contiguous,
-    LSE_i = log sum_j exp(q_i . k_j * scale). qk_scale = scale * log2(e). F32_DOT: dot operands
-    go through float32 (the interpreter, whose bfloat16 dot is wrong; see _f32_dot).
+    LSE_i = log sum_j exp(q_i . k_j * scale). qk_scale = scale * log2(e). UPCAST_DOT: dot operands
+    go through float32 (_common.upcast_dot).
     """
     # One flat grid, query blocks fastest: programs of one head run side by side and share K, V in
     # L2, and B * H is not bound by the 65535 limit of the grid's second axis.
-    pid = tl.program_id(0)
-    pid_m = pid % num_m_blocks
-    pid_bh = pid // num_m_blocks
-    off_b = (pid_bh // H).to(tl.int64)
-    off_h = (pid_bh % H).to(tl.int64)
+    pid_m, pid_bh, off_b, off_h = _program_coords(num_m_blocks, H)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    q_ptrs = (Q + off_b * stride_qb + off_h * stride_qh
-              + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd)
+    q_ptrs = _tile_ptrs(Q, off_b, off_h, stride_qb, stride_qh, offs_m, stride_qn, offs_d, stride_qd)
     # K is read transposed, (BLOCK_D, BLOCK_N), so the logits are a plain q @ kt.
-    k_ptrs = (K + off_b * stride_kb + off_h * stride_kh
-              + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn)
-    v_ptrs = (V + off_b * stride_vb + off_h * stride_vh
-              + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd)
+    k_ptrs = _tile_ptrs(K, off_b, off_h, stride_kb, stride_kh, offs_d, stride_kd, offs_n, stride_kn)
+    v_ptrs = _tile_ptrs(V, off_b, off_h, stride_vb, stride_vh, offs_n, stride_vn, offs_d, stride_vd)
 
     # Padded query rows load as 0: their logits are 0, finite, and they are never stored.
-    q = _load_tile(q_ptrs, offs_m, N, offs_d, HEAD_DIM, not EVEN_M, not EVEN_D)
-    if F32_DOT:
-        q = q.to(tl.float32)
+    q = load_tile(q_ptrs, offs_m < N, offs_d < HEAD_DIM, not EVEN_M, not EVEN_D)
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
@@ -143,13 +131,13 @@ def _attention_fwd_kernel(
     for start_n in range(0, n_full, BLOCK_N):
         acc, m_i, l_i = _attention_step(acc, m_i, l_i, q, k_ptrs + start_n * stride_kn,
                                         v_ptrs + start_n * stride_vn, start_n + offs_n, offs_d, N,
-                                        qk_scale, HEAD_DIM, False, EVEN_D, HAS_V, F32_DOT, DOT_PRECISION)
+                                        qk_scale, HEAD_DIM, False, EVEN_D, HAS_V, UPCAST_DOT, DOT_PRECISION)
     if not EVEN_N:
         acc, m_i, l_i = _attention_step(acc, m_i, l_i, q, k_ptrs + n_full * stride_kn,
                                         v_ptrs + n_full * stride_vn, n_full + offs_n, offs_d, N,
-                                        qk_scale, HEAD_DIM, True, EVEN_D, HAS_V, F32_DOT, DOT_PRECISION)
+                                        qk_scale, HEAD_DIM, True, EVEN_D, HAS_V, UPCAST_DOT, DOT_PRECISION)
 
-    lse = (m_i + tl.log2(l_i)) * _LN2
+    lse = (m_i + tl.log2(l_i)) * LN2_JIT
     lse_ptrs = Lse + pid_bh.to(tl.int64) * N + offs_m
     if EVEN_M:
         tl.store(lse_ptrs, lse)
@@ -157,35 +145,23 @@ def _attention_fwd_kernel(
         tl.store(lse_ptrs, lse, mask=offs_m < N)
     if HAS_V:
         out = (acc / l_i[:, None]).to(Out.dtype.element_ty)
-        o_ptrs = (Out + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_on
-                  + offs_d[None, :] * stride_od)
-        if EVEN_M:
-            if EVEN_D:
-                tl.store(o_ptrs, out)
-            else:
-                tl.store(o_ptrs, out, mask=offs_d[None, :] < HEAD_DIM)
-        else:
-            if EVEN_D:
-                tl.store(o_ptrs, out, mask=offs_m[:, None] < N)
-            else:
-                tl.store(o_ptrs, out, mask=(offs_m[:, None] < N) & (offs_d[None, :] < HEAD_DIM))
+        o_ptrs = _tile_ptrs(Out, off_b, off_h, stride_ob, stride_oh, offs_m, stride_on, offs_d, stride_od)
+        store_tile(o_ptrs, out, offs_m < N, offs_d < HEAD_DIM, not EVEN_M, not EVEN_D)
 
 
 @triton.jit
 def _importance_step(acc, kt, q_ptrs, lse_ptrs, offs_m, offs_d, N, qk_scale,
                      HEAD_DIM: tl.constexpr, MASK_M: tl.constexpr, EVEN_D: tl.constexpr,
-                     F32_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                     UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Adds exp(q_i . k_j * scale - LSE_i) of one query block to the (BLOCK_M, BLOCK_N) running sums.
     Padded query rows read LSE = +inf, so they add exp2(-inf) = 0 without a select."""
-    q = _load_tile(q_ptrs, offs_m, N, offs_d, HEAD_DIM, MASK_M, not EVEN_D)        # (BLOCK_M, BLOCK_D)
-    if F32_DOT:
-        q = q.to(tl.float32)
+    q = load_tile(q_ptrs, offs_m < N, offs_d < HEAD_DIM, MASK_M, not EVEN_D)      # (BLOCK_M, BLOCK_D)
     if MASK_M:
         lse = tl.load(lse_ptrs, mask=offs_m < N, other=float("inf"))
     else:
         lse = tl.load(lse_ptrs)
-    s = tl.dot(q, kt, input_precision=DOT_PRECISION)                # (BLOCK_M, BLOCK_N)
-    return acc + tl.exp2(s * qk_scale - (lse * _LOG2E)[:, None])
+    s = dot(q, kt, DOT_PRECISION, UPCAST_DOT)                         # (BLOCK_M, BLOCK_N)
+    return acc + tl.exp2(s * qk_scale - (lse * LOG2E_JIT)[:, None])
 
 
 @triton.jit
@@ -196,7 +172,7 @@ def _importance_kernel(
     stride_lb, stride_lh, stride_ln,
     H, N, num_n_blocks, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, F32_DOT: tl.constexpr,
+    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, UPCAST_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """Global token importance for one (b, h) and one block of BLOCK_N key columns.
@@ -204,38 +180,30 @@ def _importance_kernel(
     Q, K: (B, H, N, HEAD_DIM) and Lse: (B, H, N) float32, all read through strides.
     Scores: (B, H, N) float32 contiguous, s_j = (1/N) sum_i exp(q_i . k_j * scale - LSE_i).
     qk_scale = scale * log2(e). Loops over every query block in a fixed order: deterministic.
-    F32_DOT as in _attention_fwd_kernel.
+    UPCAST_DOT as in _attention_fwd_kernel.
     """
-    pid = tl.program_id(0)
-    pid_n = pid % num_n_blocks
-    pid_bh = pid // num_n_blocks
-    off_b = (pid_bh // H).to(tl.int64)
-    off_h = (pid_bh % H).to(tl.int64)
+    pid_n, pid_bh, off_b, off_h = _program_coords(num_n_blocks, H)
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    k_ptrs = (K + off_b * stride_kb + off_h * stride_kh
-              + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn)
-    q_ptrs = (Q + off_b * stride_qb + off_h * stride_qh
-              + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd)
+    k_ptrs = _tile_ptrs(K, off_b, off_h, stride_kb, stride_kh, offs_d, stride_kd, offs_n, stride_kn)
+    q_ptrs = _tile_ptrs(Q, off_b, off_h, stride_qb, stride_qh, offs_m, stride_qn, offs_d, stride_qd)
     lse_ptrs = Lse + off_b * stride_lb + off_h * stride_lh + offs_m * stride_ln
 
     # This program's keys stay resident; padded key columns load as 0 and are never stored.
-    kt = _load_tile(k_ptrs, offs_d, HEAD_DIM, offs_n, N, not EVEN_D, not EVEN_N)   # (BLOCK_D, BLOCK_N)
-    if F32_DOT:
-        kt = kt.to(tl.float32)
+    kt = load_tile(k_ptrs, offs_d < HEAD_DIM, offs_n < N, not EVEN_D, not EVEN_N)  # (BLOCK_D, BLOCK_N)
     # Sums stay 2-D until the end: adding tiles is thread-local, while a column reduction per
     # query block would cross warps every iteration.
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     m_full = (N // BLOCK_M) * BLOCK_M
     for start_m in range(0, m_full, BLOCK_M):
         acc = _importance_step(acc, kt, q_ptrs + start_m * stride_qn, lse_ptrs + start_m * stride_ln,
-                               start_m + offs_m, offs_d, N, qk_scale, HEAD_DIM, False, EVEN_D, F32_DOT,
+                               start_m + offs_m, offs_d, N, qk_scale, HEAD_DIM, False, EVEN_D, UPCAST_DOT,
                                DOT_PRECISION)
     if not EVEN_M:
         acc = _importance_step(acc, kt, q_ptrs + m_full * stride_qn, lse_ptrs + m_full * stride_ln,
-                               m_full + offs_m, offs_d, N, qk_scale, HEAD_DIM, True, EVEN_D, F32_DOT,
+                               m_full + offs_m, offs_d, N, qk_scale, HEAD_DIM, True, EVEN_D, UPCAST_DOT,
                                DOT_PRECISION)
 
     scores = tl.sum(acc, 0) / N
@@ -246,41 +214,82 @@ def _importance_kernel(
         tl.store(s_ptrs, scores, mask=offs_n < N)
 
 
+@triton.jit
+def _class_logits(q0, k_ptrs, keys, offs_d, N, qk_scale, HEAD_DIM: tl.constexpr, MASK_N: tl.constexpr,
+                  EVEN_D: tl.constexpr):
+    """q_0 . k_j * scale * log2(e) for the keys of one block, (BLOCK_N,) float32; -inf past N."""
+    k = load_tile(k_ptrs, keys < N, offs_d < HEAD_DIM, MASK_N, not EVEN_D).to(tl.float32)
+    s = tl.sum(k * q0[None, :], 1) * qk_scale
+    if MASK_N:
+        s = tl.where(keys < N, s, float("-inf"))
+    return s
+
+
+@triton.jit
+def _class_token_kernel(
+    Q, K, Lse, Scores,
+    stride_qb, stride_qh, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_lb, stride_lh,
+    H, N, keys_per_program, num_programs_per_head, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_N: tl.constexpr,
+    EVEN_D: tl.constexpr, HAS_LSE: tl.constexpr,
+):
+    """Class-token importance c_j = exp(q_0 . k_j * scale - LSE_0) for one (b, h) and the keys
+    [pid_n * keys_per_program, (pid_n + 1) * keys_per_program) (a multiple of BLOCK_N).
+
+    Q: only row 0 of (B, H, N, HEAD_DIM) is read; K (B, H, N, HEAD_DIM); Lse (B, H, N) float32, only
+    LSE_0 read, when HAS_LSE; all through strides. Without HAS_LSE the program owns all N keys and
+    computes LSE_0 first, an online log-sum-exp over the key blocks. Scores: (B, H, N) float32
+    contiguous. qk_scale = scale * log2(e). Grid: (B * H * num_programs_per_head,).
+    """
+    pid_n, pid_bh, off_b, off_h = _program_coords(num_programs_per_head, H)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    if EVEN_D:
+        q0 = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_d * stride_qd)
+    else:
+        q0 = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_d * stride_qd, mask=offs_d < HEAD_DIM,
+                     other=0.0)
+    q0 = q0.to(tl.float32)
+    k_ptrs = _tile_ptrs(K, off_b, off_h, stride_kb, stride_kh, offs_n, stride_kn, offs_d, stride_kd)
+
+    if HAS_LSE:
+        lse2 = tl.load(Lse + off_b * stride_lb + off_h * stride_lh) * LOG2E_JIT
+    else:
+        # Every block holds at least one real key, so m stays finite after the first block.
+        m = tl.full([], float("-inf"), dtype=tl.float32)
+        total = tl.full([], 0.0, dtype=tl.float32)
+        for start in range(0, N, BLOCK_N):
+            s = _class_logits(q0, k_ptrs + start * stride_kn, start + offs_n, offs_d, N, qk_scale,
+                              HEAD_DIM, not EVEN_N, EVEN_D)
+            m_new = tl.maximum(m, tl.max(s, 0))
+            total = total * tl.exp2(m - m_new) + tl.sum(tl.exp2(s - m_new), 0)
+            m = m_new
+        lse2 = m + tl.log2(total)
+
+    first = pid_n * keys_per_program
+    last = tl.minimum(N, first + keys_per_program)
+    s_row = Scores + pid_bh.to(tl.int64) * N
+    for start in range(first, last, BLOCK_N):
+        keys = start + offs_n
+        s = _class_logits(q0, k_ptrs + start * stride_kn, keys, offs_d, N, qk_scale, HEAD_DIM, not EVEN_N,
+                          EVEN_D)
+        if EVEN_N:
+            tl.store(s_row + keys, tl.exp2(s - lse2))
+        else:
+            tl.store(s_row + keys, tl.exp2(s - lse2), mask=keys < N)
+
+
 # -------------------------------------------------------------------------------- launchers
-def _block_d(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))
-
-
-def _f32_dot(t: Tensor) -> bool:
-    # Triton's interpreter keeps bfloat16 as raw uint16 bits and its tl.dot multiplies those bits
-    # (triton-lang/triton#11584; its docs: cast bfloat16 to float32 first). Products of bfloat16
-    # values are exact in float32, so this changes only the summation order, not the precision.
-    return not t.is_cuda and t.dtype == torch.bfloat16
-
-
-def _dot_precision(t: Tensor) -> str:
-    """input_precision of every tl.dot; it matters only for float32 operands. On GPUs with TF32
-    (sm_80+), "tf32x3" splits each float32 operand into a TF32 high part and a TF32 remainder and
-    sums three tensor-core products: float32-level error (measured on an H100 at ViT-B sizes: as
-    close to a float64 reference as "ieee") at 5 to 8 times its speed."""
-    if t.is_cuda and t.dtype == torch.float32 and torch.cuda.get_device_capability(t.device)[0] >= 8:
-        return "tf32x3"
-    return "ieee"
-
-
-def _device_guard(t: Tensor):
-    # Triton launches on the current CUDA device; make it the tensors' device.
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def _attention_config(t: Tensor, block_d: int, has_v: bool) -> Tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward, from a sweep on an H100 at ViT-B
     sizes (B=4, H=12, N=4097)."""
-    if not t.is_cuda:
-        # The interpreter: small blocks, so that tests with N < 70 cross several blocks and tails.
+    if INTERPRETED:
+        # Small blocks, so that tests with N < 70 cross several blocks and tails.
         return 32, 16, 4, 1
     if t.dtype == torch.float32:
-        if _dot_precision(t) == "ieee" or block_d > 64:
+        if dot_precision(t) == "ieee" or block_d > 64:
             # CUDA-core dots: larger tiles ran up to 6x slower; d > 64: larger float32 tiles
             # overflow the 227 KB of shared memory.
             return 64, 32, 4, 2
@@ -294,9 +303,9 @@ def _attention_config(t: Tensor, block_d: int, has_v: bool) -> Tuple[int, int, i
 
 def _importance_config(t: Tensor, block_d: int) -> Tuple[int, int, int, int]:
     """(BLOCK_M query rows streamed, BLOCK_N key columns held, num_warps, num_stages)."""
-    if not t.is_cuda:
+    if INTERPRETED:
         return 16, 32, 4, 1
-    if t.dtype == torch.float32 and (_dot_precision(t) == "ieee" or block_d > 64):
+    if t.dtype == torch.float32 and (dot_precision(t) == "ieee" or block_d > 64):
         return 32, 128, 4, 2
     if block_d <= 64 or t.dtype == torch.float32:
         return 64, 128, 4, 3
@@ -309,9 +318,9 @@ def attention_forward(q: Tensor, k: Tensor, v: Optional[Tensor], *, block_m: Opt
     (laid out like q when q is dense, else contiguous; None when v is None) and lse (B, H, N)
     float32 contiguous. block_m / block_n override the block sizes (powers of two >= 16)."""
     B, H, N, d = q.shape
-    block_d = _block_d(d)
+    bd = block_d(d)
     has_v = v is not None
-    bm, bn, num_warps, num_stages = _attention_config(q, block_d, has_v)
+    bm, bn, num_warps, num_stages = _attention_config(q, bd, has_v)
     bm, bn = block_m or bm, block_n or bn
     lse = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
     out = torch.empty_like(q) if has_v else None
@@ -320,14 +329,14 @@ def attention_forward(q: Tensor, k: Tensor, v: Optional[Tensor], *, block_m: Opt
     v_strides = v.stride() if has_v else (0, 0, 0, 0)
     o_strides = out.stride() if has_v else (0, 0, 0, 0)
     num_m_blocks = triton.cdiv(N, bm)
-    with _device_guard(q):
+    with device_guard(q):
         _attention_fwd_kernel[(num_m_blocks * B * H,)](
             q, k, v_arg, o_arg, lse,
             *q.stride(), *k.stride(), *v_strides, *o_strides,
             H, N, num_m_blocks, d ** -0.5 * LOG2E,
-            HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d,
-            EVEN_M=N % bm == 0, EVEN_N=N % bn == 0, EVEN_D=d == block_d, HAS_V=has_v,
-            F32_DOT=_f32_dot(q), DOT_PRECISION=_dot_precision(q),
+            HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
+            EVEN_M=N % bm == 0, EVEN_N=N % bn == 0, EVEN_D=d == bd, HAS_V=has_v,
+            UPCAST_DOT=upcast_dot(q.dtype), DOT_PRECISION=dot_precision(q),
             num_warps=num_warps, num_stages=num_stages,
         )
     return out, lse
@@ -339,21 +348,46 @@ def token_importance_forward(q: Tensor, k: Tensor, lse: Tensor, *, block_m: Opti
     Returns the global importance scores (B, H, N) float32 contiguous.
     block_m (query rows streamed) / block_n (key columns held) override the block sizes."""
     B, H, N, d = q.shape
-    block_d = _block_d(d)
-    bm, bn, num_warps, num_stages = _importance_config(q, block_d)
+    bd = block_d(d)
+    bm, bn, num_warps, num_stages = _importance_config(q, bd)
     bm, bn = block_m or bm, block_n or bn
     scores = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
     num_n_blocks = triton.cdiv(N, bn)
-    with _device_guard(q):
+    with device_guard(q):
         _importance_kernel[(num_n_blocks * B * H,)](
             q, k, lse, scores,
             *q.stride(), *k.stride(), *lse.stride(),
             H, N, num_n_blocks, d ** -0.5 * LOG2E,
-            HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d,
-            EVEN_M=N % bm == 0, EVEN_N=N % bn == 0, EVEN_D=d == block_d, F32_DOT=_f32_dot(q),
-            DOT_PRECISION=_dot_precision(q), num_warps=num_warps, num_stages=num_stages,
+            HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
+            EVEN_M=N % bm == 0, EVEN_N=N % bn == 0, EVEN_D=d == bd, UPCAST_DOT=upcast_dot(q.dtype),
+            DOT_PRECISION=dot_precision(q), num_warps=num_warps, num_stages=num_stages,
         )
     return scores
 
 
-__all__ = ["attention_forward", "token_importance_forward"]
+def class_token_importance_forward(q: Tensor, k: Tensor, lse: Optional[Tensor], *,
+                                   block_n: Optional[int] = None) -> Tensor:
+    """q, k: (B, H, N, d), any strides (only row 0 of q is read); lse: None or (B, H, N) float32,
+    any strides (only LSE_0 is read). Returns c_j = softmax_j(q_0 . k_j / sqrt(d)), (B, H, N) float32
+    contiguous. Given lse, one program per key block; else one per (b, h), which computes LSE_0.
+    block_n (keys per block, a power of two) overrides the block size."""
+    B, H, N, d = q.shape
+    bd = block_d(d)
+    bn = block_n or (16 if INTERPRETED else 64)
+    scores = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
+    has_lse = lse is not None
+    num_blocks = triton.cdiv(N, bn)
+    per_head = num_blocks if has_lse else 1
+    lse_arg, lse_strides = (lse, lse.stride()[:2]) if has_lse else (scores, (0, 0))
+    with device_guard(q):
+        _class_token_kernel[(B * H * per_head,)](
+            q, k, lse_arg, scores,
+            q.stride(0), q.stride(1), q.stride(3), *k.stride(), *lse_strides,
+            H, N, bn if has_lse else num_blocks * bn, per_head, d ** -0.5 * LOG2E,
+            HEAD_DIM=d, BLOCK_N=bn, BLOCK_D=bd, EVEN_N=N % bn == 0, EVEN_D=d == bd, HAS_LSE=has_lse,
+            num_warps=4,
+        )
+    return scores
+
+
+__all__ = ["attention_forward", "token_importance_forward", "class_token_importance_forward"]

@@ -24,7 +24,7 @@ import torch
 from ..model import FPT
 from .build import build_model
 from .files import atomic_open
-from .settings import Settings
+from .settings import Settings, upgrade_saved_settings
 from .store import weights_sha256
 
 KIND = "fpt_fast.checkpoint"
@@ -63,6 +63,7 @@ def load_checkpoint(path: Union[str, Path]) -> dict:
     if checkpoint.get("format") != FORMAT:
         raise ValueError(f"checkpoint {str(path)!r} has format {checkpoint.get('format')!r}; this version reads "
                          f"format {FORMAT}")
+    checkpoint["settings"] = upgrade_saved_settings(checkpoint["settings"])
     return checkpoint
 
 

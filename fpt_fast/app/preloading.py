@@ -72,7 +72,7 @@ def preload(settings: Settings, log: Log = print) -> PreloadResult:
     config = model.config
     transform = frozen_transform(settings, model)
     run_fingerprint = fingerprint(model, transform.description(), opts.dtype, device)
-    feature_shape = (len(config.layers), config.info.num_heads, config.num_selected, config.info.head_dim)
+    feature_shape = (len(config.layers), config.backbone_info.num_heads, config.num_selected, config.backbone_info.head_dim)
     # Rank 0 creates the manifest (or checks the existing one) before the others open the store.
     writer = group.main_first(lambda: StoreWriter(data.store, run_fingerprint, feature_shape, classes, opts.shard_mb))
     model.to(device).eval()

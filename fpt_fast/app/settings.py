@@ -260,11 +260,31 @@ OFFICIAL_NAMES = {"learning_rate": "train.lr", "input_size": "model.image_size",
                   "model.side_reduction_ratio", "random_seed": "train.seed", "loss_weight": "train.class_weights"}
 
 
+# Model settings of earlier fpt_fast versions, now model.backend (one backend for every op the model runs).
+FORMER_BACKEND_KEYS = ("attention_backend", "op_backend")
+
+
+def upgrade_saved_settings(tree: dict) -> dict:
+    """Settings saved by an earlier version (in a checkpoint) in today's keys: model.attention_backend
+    and model.op_backend become model.backend (the attention choice when it named one, else the op
+    choice). A copy; other keys are left for check_tree to judge."""
+    model = dict(tree.get("model") or {})
+    former = {key: model.pop(key) for key in FORMER_BACKEND_KEYS if key in model}
+    if not former:
+        return tree
+    if "backend" not in model:
+        attention = former.get("attention_backend", "auto")
+        model["backend"] = attention if attention not in ("auto", "xformers") else former.get("op_backend", "auto")
+    return {**tree, "model": model}
+
+
 def _unknown_key_error(key: str, known: Sequence[str]) -> ValueError:
     section, _, name = key.rpartition(".")
     close = difflib.get_close_matches(name, known, n=1)
     if name in OFFICIAL_NAMES:
         hint = f"; did you mean {OFFICIAL_NAMES[name]}?"
+    elif section == "model" and name in FORMER_BACKEND_KEYS:
+        hint = "; it is now model.backend (one backend for every op of the model)"
     else:
         hint = f"; did you mean {section + '.' if section else ''}{close[0]}?" if close else ""
     where = f"section {section!r}" if section else "the top level"

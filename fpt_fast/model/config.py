@@ -13,10 +13,10 @@ from typing import Optional, Tuple, Union
 
 import torch
 
+from ..ops import IMPORTANCE_MODES, canonical_backend
+
 Size = Union[int, Tuple[int, int]]
 
-IMPORTANCE_MODES = ("global", "class_token")
-ATTENTION_BACKENDS = ("auto", "sdpa", "xformers", "triton", "native", "math")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -37,13 +37,13 @@ class BackboneInfo:
         return self.embed_dim // self.num_heads
 
 
-def backbone_info(name: str, backbone_kwargs: Optional[dict] = None) -> BackboneInfo:
+def read_backbone_info(name: str, backbone_kwargs: Optional[dict] = None) -> BackboneInfo:
     """Builds the named timm model on the meta device (no memory, no weights) and reads its shape."""
-    return _backbone_info(name, tuple(sorted((backbone_kwargs or {}).items())))
+    return _read_backbone_info(name, tuple(sorted((backbone_kwargs or {}).items())))
 
 
 @functools.lru_cache(maxsize=64)
-def _backbone_info(name: str, kwargs: tuple) -> BackboneInfo:
+def _read_backbone_info(name: str, kwargs: tuple) -> BackboneInfo:
     import timm
 
     if not timm.is_model(name):
@@ -82,7 +82,7 @@ def _pair(size: Size) -> Tuple[int, int]:
 
 
 PRESETS = {
-    # Spec section 5. extracted_layers=None resolves to all blocks (FPT) or the second half (FPT+).
+    # docs/method.md, section 7. extracted_layers=None resolves to all blocks (FPT) or the second half (FPT+).
     "fpt": dict(num_prompts=16, side_reduction_ratio=8, prompt_reduction_ratio=8, prompt_norm=False,
                 prompt_proj=True, token_ratio=0.2, importance="global", side_input_size=224,
                 image_size=512, layer_selection="all"),
@@ -114,12 +114,16 @@ class FPTConfig:
         dropout: dropout probability on the fused prompts.
         pretrained: load timm's pretrained weights for the backbone (needs the model hub).
         checkpoint_path: load the backbone's weights from this local file instead.
-        attention_backend: attention used inside the frozen blocks (see fpt_fast.backends()).
         frozen_dtype: dtype the frozen branch computes in: None = bfloat16 on GPUs that support it,
             float32 otherwise.
         feature_dtype: dtype of the selected keys/values: None = the fusion's compute dtype.
         frozen_chunk_size: split the frozen forward into micro-batches of this many images.
-        op_backend: backend for the fused ops (fpt_fast.ops): "auto", "triton", "torch", "reference".
+        backend: the fpt_fast.ops backend of every op the model runs (the extracted blocks'
+            attention, importance and selection, and the fusion's prompt attention): "auto"
+            (fpt_fast.ops.PRIORITY), "triton", "native", "torch" or "reference"; the former
+            attention-backend names "sdpa" and "math" are read as "torch" and "reference". The
+            other frozen blocks run timm's fused SDPA attention, except with "reference", where
+            every block materialises its N x N attention. See fpt_fast.backend_table().
     """
 
     backbone: str = "vit_base_patch16_384"
@@ -139,12 +143,11 @@ class FPTConfig:
     dropout: float = 0.5
     pretrained: bool = False
     checkpoint_path: Optional[str] = None
-    attention_backend: str = "auto"
     frozen_dtype: Optional[str] = None
     feature_dtype: Optional[str] = None
     frozen_chunk_size: Optional[int] = None
-    op_backend: str = "auto"
-    _info: BackboneInfo = field(init=False, repr=False, compare=False)
+    backend: str = "auto"
+    _backbone_info: BackboneInfo = field(init=False, repr=False, compare=False)
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "FPTConfig":
@@ -157,31 +160,36 @@ class FPTConfig:
     def __post_init__(self):
         if not isinstance(self.backbone_kwargs, dict):
             raise ValueError(f"FPTConfig.backbone_kwargs={self.backbone_kwargs!r} is invalid: expected a dict")
-        self._info = backbone_info(self.backbone, self.backbone_kwargs)
+        self._backbone_info = read_backbone_info(self.backbone, self.backbone_kwargs)
         self.image_size = _pair(self.image_size)
         self.side_input_size = _pair(self.side_input_size)
         if self.extracted_layers is not None:
             self.extracted_layers = tuple(int(i) for i in self.extracted_layers)
+        try:  # the former attention-backend names become the backends that run the same
+            self.backend = canonical_backend(self.backend)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"FPTConfig.backend={self.backend!r} is invalid: {error}") from None
         self.validate()
 
     # ---------------------------------------------------------------- derived quantities
     @property
-    def info(self) -> BackboneInfo:
-        return self._info
+    def backbone_info(self) -> BackboneInfo:
+        """The backbone's shape: width, heads, depth, patch size, prefix tokens."""
+        return self._backbone_info
 
     @property
     def layers(self) -> Tuple[int, ...]:
         """Extracted block indices, sorted ascending."""
         if self.extracted_layers is not None:
             return tuple(sorted(self.extracted_layers))
-        depth = self._info.depth
+        depth = self._backbone_info.depth
         return tuple(range(depth)) if self.layer_selection == "all" else tuple(range(depth // 2, depth))
 
     @property
     def num_tokens(self) -> int:
         """N: prefix tokens + patches of the frozen branch's input."""
-        ph, pw = self._info.patch_size
-        return self._info.num_prefix_tokens + (self.image_size[0] // ph) * (self.image_size[1] // pw)
+        ph, pw = self._backbone_info.patch_size
+        return self._backbone_info.num_prefix_tokens + (self.image_size[0] // ph) * (self.image_size[1] // pw)
 
     @property
     def num_selected(self) -> int:
@@ -190,11 +198,11 @@ class FPTConfig:
 
     @property
     def side_dim(self) -> int:
-        return self._info.embed_dim // self.side_reduction_ratio
+        return self._backbone_info.embed_dim // self.side_reduction_ratio
 
     @property
     def prompt_dim(self) -> int:
-        return self._info.embed_dim // self.prompt_reduction_ratio
+        return self._backbone_info.embed_dim // self.prompt_reduction_ratio
 
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
@@ -207,7 +215,7 @@ class FPTConfig:
 
     # ---------------------------------------------------------------- validation
     def validate(self) -> None:
-        info = self._info
+        info = self._backbone_info
         D, H = info.embed_dim, info.num_heads
 
         def bad(name, value, expected):
@@ -260,8 +268,6 @@ class FPTConfig:
                 f"{self.side_dim} (got {self.prompt_dim})")
         if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
             bad("dropout", self.dropout, "a probability in [0, 1)")
-        if self.attention_backend not in ATTENTION_BACKENDS:
-            bad("attention_backend", self.attention_backend, f"one of {ATTENTION_BACKENDS}")
         for name in ("frozen_dtype", "feature_dtype"):
             v = getattr(self, name)
             if v is not None and v not in DTYPES:
@@ -269,10 +275,6 @@ class FPTConfig:
         if self.frozen_chunk_size is not None and (not isinstance(self.frozen_chunk_size, int)
                                                    or self.frozen_chunk_size < 1):
             bad("frozen_chunk_size", self.frozen_chunk_size, "None or a positive integer")
-        from ..ops import BACKENDS
-
-        if self.op_backend not in ("auto",) + BACKENDS:
-            bad("op_backend", self.op_backend, f"one of {('auto',) + BACKENDS}")
 
 
 def num_selected_tokens(num_tokens: int, token_ratio: float) -> int:

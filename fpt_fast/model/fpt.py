@@ -64,14 +64,13 @@ class FPT(nn.Module):
     def __init__(self, config: FPTConfig):
         super().__init__()
         self.config = config
-        info = config.info
-        op_backend = None if config.op_backend == "auto" else config.op_backend
+        info = config.backbone_info
         self.frozen = FrozenBranch(config)
         fusion = FineGrainedFusion(
             num_layers=len(config.layers), in_dim=info.embed_dim, out_dim=config.side_dim,
             num_heads=info.num_heads, num_prompts=config.num_prompts, prompt_dim=config.prompt_dim,
             prompt_norm=config.prompt_norm, prompt_proj=config.prompt_proj, p_dropout=config.dropout,
-            op_backend=op_backend)
+            backend=config.backend)
         side = SideViT(img_size=config.side_input_size, patch_size=info.patch_size,
                        embed_dim=config.side_dim, depth=len(config.layers), num_heads=info.num_heads,
                        num_classes=config.num_classes)

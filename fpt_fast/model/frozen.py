@@ -1,11 +1,12 @@
 """The frozen branch: a timm ViT read at high resolution, stopped after the last extracted block,
 returning the selected keys and values of every extracted block (docs/method.md, section 2).
 
-The blocks are timm's own modules. Non-extracted blocks run unchanged (timm's fused attention).
-Extracted blocks are run through the same submodules (norm1, attn.qkv, q_norm/k_norm, attn.proj,
-ls1, drop_path1, norm2, mlp, ls2, drop_path2), with the attention core replaced by
-fpt_fast.ops.attention_with_importance, so the block output is the block's own and the LSE of its
-attention is reused for the importance scores.
+The blocks are timm's own modules. Non-extracted blocks run unchanged (timm's fused attention;
+its eager N x N attention with config.backend "reference"). Extracted blocks are run through the
+same submodules (norm1, attn.qkv, q_norm/k_norm, attn.proj, ls1, drop_path1, norm2, mlp, ls2,
+drop_path2), with the attention core replaced by fpt_fast.ops.attention_with_importance, so the
+block output is the block's own and the LSE of its attention is reused for the importance scores.
+Both ops of an extracted block run on config.backend, chosen by fpt_fast.ops' dispatcher.
 """
 from __future__ import annotations
 
@@ -57,38 +58,6 @@ def check_architecture(backbone: nn.Module, layers) -> None:
                              f"VisionTransformer-style blocks with a fused qkv projection")
 
 
-# What each attention_backend runs: (fpt_fast.ops backend of the extracted blocks, whether the other
-# blocks use timm's fused scaled_dot_product_attention rather than its eager N x N path).
-_PLAN = {"triton": ("triton", True), "native": ("native", True), "sdpa": ("torch", True),
-         "math": ("reference", False)}
-AUTO_PRIORITY = {"cuda": ("triton", "sdpa"), "cpu": ("native", "sdpa")}
-
-
-def attention_backends(device, dtype: torch.dtype = torch.float32, head_dim: int = 64) -> dict:
-    """{attention_backend: None if usable on this device/dtype, else why not}."""
-    device = torch.device(device)
-    return {
-        "triton": ops.unsupported_reason("triton", "attention_with_importance", device, dtype, head_dim),
-        "native": ops.unsupported_reason("native", "attention_with_importance", device, dtype, head_dim),
-        "sdpa": None,
-        "math": None,
-        "xformers": "not implemented: no xformers build was available to test it against; "
-                    "'sdpa' and 'triton' cover the same memory-efficient attention",
-    }
-
-
-def resolve_attention_backend(name: str, device, dtype: torch.dtype = torch.float32, head_dim: int = 64) -> str:
-    """The concrete backend for config.attention_backend on this device ("auto": the first usable one
-    of AUTO_PRIORITY). "math" materialises N x N."""
-    device = torch.device(device)
-    reasons = attention_backends(device, dtype, head_dim)
-    if name == "auto":
-        return next((b for b in AUTO_PRIORITY.get(device.type, ("sdpa",)) if reasons[b] is None), "sdpa")
-    if reasons.get(name) is not None:
-        raise ValueError(f"attention_backend={name!r} cannot run on {device.type} {dtype}: {reasons[name]}")
-    return name
-
-
 class FrozenBranch(nn.Module):
     """The frozen large pre-trained model. Always in eval mode, never trainable, never recorded by
     autograd. ``forward(images)`` (B, 3, h, w) -> FrozenFeatures, each (L, B, H, n, d)."""
@@ -103,12 +72,12 @@ class FrozenBranch(nn.Module):
         backbone.prune_intermediate_layers(self.layers, prune_norm=True, prune_head=True)
         backbone.requires_grad_(False)
         self.backbone = backbone.eval()
-        # Non-extracted blocks run timm's own attention: fused SDPA, or eager N x N for "math".
+        # Non-extracted blocks run timm's own attention: fused SDPA, or eager N x N for "reference".
+        reference = config.backend == "reference"
         for block in backbone.blocks:
-            block.attn.fused_attn = _PLAN.get(config.attention_backend, ("", True))[1]
-        if config.attention_backend == "math":
-            warnings.warn("attention_backend='math' materialises the N x N attention of every block",
-                          stacklevel=2)
+            block.attn.fused_attn = not reference
+        if reference:
+            warnings.warn("backend='reference' materialises the N x N attention of every block", stacklevel=2)
 
     def train(self, mode: bool = True):
         return super().train(False)
@@ -135,9 +104,6 @@ class FrozenBranch(nn.Module):
     def _extract(self, images: Tensor) -> FrozenFeatures:
         device = images.device
         dtype = self.compute_dtype(device)
-        attention = resolve_attention_backend(self.config.attention_backend, device, dtype,
-                                              self.config.info.head_dim)
-        backend = _PLAN[attention][0]
         feature_dtype = DTYPES[self.config.feature_dtype] if self.config.feature_dtype else dtype
         autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32
                     else contextlib.nullcontext())
@@ -148,14 +114,14 @@ class FrozenBranch(nn.Module):
             last = self.layers[-1]
             for i, block in enumerate(bb.blocks[:last + 1]):
                 if i in self.layers:
-                    x, k_sel, v_sel = self._extracted_block(block, x, backend, feature_dtype)
+                    x, k_sel, v_sel = self._extracted_block(block, x, feature_dtype)
                     keys.append(k_sel)
                     values.append(v_sel)
                 else:
                     x = block(x)
         return FrozenFeatures(torch.stack(keys), torch.stack(values))
 
-    def _extracted_block(self, block: nn.Module, x: Tensor, backend: str,
+    def _extracted_block(self, block: nn.Module, x: Tensor,
                          feature_dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor]:
         attn = block.attn
         B, N, _ = x.shape
@@ -165,6 +131,7 @@ class FrozenBranch(nn.Module):
         q, k = attn.q_norm(q), attn.k_norm(k)
         # Under autocast the q/k norms return float32 while v stays in the autocast dtype.
         q, k = q.to(v.dtype), k.to(v.dtype)
+        backend = self.config.backend
         out, scores = ops.attention_with_importance(q, k, v, self.config.importance, backend=backend)
         n = num_selected_tokens(N, self.config.token_ratio)
         k_sel, v_sel = ops.select_tokens(scores, k, v, n, feature_dtype, backend=backend)

@@ -23,14 +23,14 @@ class FineGrainedFusion(nn.Module):
         prompt_norm: LayerNorm(dp) on the prompts before they query.
         prompt_proj: Linear(dp -> D) on the prompts before they query.
         p_dropout: dropout on the fused prompts.
-        op_backend: backend of fpt_fast.ops.prompt_attention (None = the process-wide default).
+        backend: backend of fpt_fast.ops.prompt_attention (None = the process-wide default).
 
     forward(keys, values): keys, values (L, B, H, n, D / H) -> fused prompts (L, B, P, Ds).
     """
 
     def __init__(self, num_layers: int, in_dim: int, out_dim: int, num_heads: int, num_prompts: int,
                  prompt_dim: Optional[int] = None, prompt_norm: bool = True, prompt_proj: bool = False,
-                 p_dropout: float = 0.5, op_backend: Optional[str] = None):
+                 p_dropout: float = 0.5, backend: Optional[str] = None):
         super().__init__()
         prompt_dim = in_dim if prompt_dim is None else prompt_dim
         if in_dim % num_heads:
@@ -42,7 +42,7 @@ class FineGrainedFusion(nn.Module):
                              f"(the raw prompts are added before or after out_proj)")
         self.num_heads = num_heads
         self.p_dropout = p_dropout
-        self.op_backend = op_backend
+        self.backend = backend
         # N(0, 1e-6^2): the prompts start as (almost) nothing, so the side network starts as a plain ViT.
         self.prompts = nn.Parameter(torch.randn(num_layers, num_prompts, prompt_dim) * 1e-6)
         self.layer_norm = nn.LayerNorm(prompt_dim) if prompt_norm else None
@@ -66,7 +66,7 @@ class FineGrainedFusion(nn.Module):
         # tensors and keep the copies for backward; the kernels accumulate in fp32 anyway.
         dtype = keys.dtype if keys.element_size() < q.element_size() else q.dtype
         context = ops.prompt_attention(q.to(dtype), keys.to(dtype), values.to(dtype),
-                                       backend=self.op_backend).to(q.dtype)
+                                       backend=self.backend).to(q.dtype)
         raw = self.prompts[:, None]                                      # (L, 1, P, dp)
         if raw.shape[-1] == context.shape[-1]:
             fused = self.out_proj(context + raw.to(context.dtype))

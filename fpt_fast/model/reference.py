@@ -14,7 +14,7 @@ from .fpt import resize_images
 
 
 def extract_features(backbone, images: Tensor, layers: Sequence[int], n: int,
-                     mode: str = "global") -> Tuple[Tensor, Tensor]:
+                     importance: str = "global") -> Tuple[Tensor, Tensor]:
     """Selected keys and values of a frozen timm ViT, from timm's own eager forward.
 
     Forward hooks on each extracted block's attention capture q and k (after q_norm / k_norm) and
@@ -52,7 +52,7 @@ def extract_features(backbone, images: Tensor, layers: Sequence[int], n: int,
         q, k = captured[(i, "q")], captured[(i, "k")]
         B, H, N, d = k.shape
         v = captured[(i, "qkv")].reshape(B, N, 3, H, d)[:, :, 2].transpose(1, 2)
-        scores = token_importance(q, k, mode)
+        scores = token_importance(q, k, importance)
         k_sel, v_sel = select_tokens(scores, k, v, n)
         keys.append(k_sel)
         values.append(v_sel)

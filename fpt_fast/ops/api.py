@@ -1,4 +1,4 @@
-"""The public fused ops: validation, then the backend chosen by fpt_fast.ops.dispatch."""
+"""The public fused ops: validation, then the one backend fpt_fast.ops.dispatch chooses."""
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -6,41 +6,31 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import reference, torch_backend, triton_backend
-from .dispatch import resolve
-from .validation import FLOAT_DTYPES, check_float, check_mode, check_qkv, check_same, describe
+from .dispatch import implementation
+from .validation import FLOAT_DTYPES, check_float, check_importance, check_qkv, check_same, describe
 
 
-def token_importance(q: Tensor, k: Tensor, mode: str = "global", lse: Optional[Tensor] = None, *,
+def token_importance(q: Tensor, k: Tensor, importance: str = "global", lse: Optional[Tensor] = None, *,
                      backend: Optional[str] = None) -> Tensor:
     """Importance of every key token per (batch, head): (B, H, N) float32.
 
-    q, k: (B, H, N, d), float32/float16/bfloat16. mode "global": s_j = mean_i softmax_j(q_i.k_j/sqrt(d));
-    "class_token": s_j = softmax_j(q_0.k_j/sqrt(d)). lse: optional (B, H, N) row log-sum-exp of
-    q.k/sqrt(d) (e.g. from the attention forward), float32. Never materialises N x N.
+    q, k: (B, H, N, d), float32/float16/bfloat16. importance "global":
+    s_j = mean_i softmax_j(q_i.k_j/sqrt(d)); "class_token": s_j = softmax_j(q_0.k_j/sqrt(d)).
+    lse: optional (B, H, N) row log-sum-exp of q.k/sqrt(d) (e.g. from the attention forward),
+    float32. Never materialises N x N.
     """
     check_qkv(q, k, None)
-    check_mode(mode)
+    check_importance(importance)
     if lse is not None:
         if not isinstance(lse, Tensor):
             raise TypeError(f"lse must be a torch.Tensor or None, got {type(lse).__name__}")
         if lse.shape != q.shape[:3] or lse.dtype != torch.float32 or lse.device != q.device:
             raise ValueError(f"lse ({describe(lse)}) must be float32 of shape {tuple(q.shape[:3])} on {q.device}")
-    name = resolve("token_importance", backend, q, q.shape[-1])
-    if name == "reference":
-        return reference.token_importance(q, k, mode, lse)
-    if mode == "class_token":
-        return torch_backend.class_token_scores(q, k)
-    if name == "triton":
-        return triton_backend.token_importance(q, k, lse)
-    if name == "native":
-        from . import native_backend
-
-        return native_backend.token_importance(q, k, lse)
-    return torch_backend.attention_importance(q, k, None, mode, lse)[1]
+    run = implementation("token_importance", backend, q, q.shape[-1], importance)
+    return run(q, k, importance, lse)
 
 
-def attention_with_importance(q: Tensor, k: Tensor, v: Tensor, mode: str = "global", *,
+def attention_with_importance(q: Tensor, k: Tensor, v: Tensor, importance: str = "global", *,
                               backend: Optional[str] = None) -> Tuple[Tensor, Tensor]:
     """Self-attention output and token importance in one call, with flash-attention memory.
 
@@ -48,17 +38,9 @@ def attention_with_importance(q: Tensor, k: Tensor, v: Tensor, mode: str = "glob
     Only the row LSE (B, H, N) is kept between the two passes, never the probabilities.
     """
     check_qkv(q, k, v)
-    check_mode(mode)
-    name = resolve("attention_with_importance", backend, q, q.shape[-1])
-    if name == "reference":
-        return reference.attention_with_importance(q, k, v, mode)
-    if name == "triton":
-        return triton_backend.attention_importance(q, k, v, mode == "class_token")
-    if name == "native":
-        from . import native_backend
-
-        return native_backend.attention_with_importance(q, k, v, mode)
-    return torch_backend.attention_importance(q, k, v, mode, None)
+    check_importance(importance)
+    run = implementation("attention_with_importance", backend, q, q.shape[-1], importance)
+    return run(q, k, v, importance)
 
 
 def select_tokens(scores: Tensor, k: Tensor, v: Tensor, n: int, out_dtype: Optional[torch.dtype] = None, *,
@@ -81,23 +63,15 @@ def select_tokens(scores: Tensor, k: Tensor, v: Tensor, n: int, out_dtype: Optio
         raise ValueError(f"n={n} is out of range: expected 1 <= n <= N={N}")
     if out_dtype is not None and out_dtype not in FLOAT_DTYPES:
         raise TypeError(f"out_dtype={out_dtype} must be None, torch.float32, torch.float16 or torch.bfloat16")
-    name = resolve("select_tokens", backend, k, k.shape[-1])
-    if name == "reference":
-        return reference.select_tokens(scores, k, v, n, out_dtype)
-    if name == "triton":
-        return triton_backend.select_tokens(scores, k, v, n, out_dtype)
-    if name == "native":
-        from . import native_backend
-
-        return native_backend.select_tokens(scores, k, v, n, out_dtype)
-    return torch_backend.select_tokens(scores, k, v, n, out_dtype)
+    run = implementation("select_tokens", backend, k, k.shape[-1])
+    return run(scores, k, v, n, out_dtype)
 
 
 def prompt_attention(q: Tensor, k: Tensor, v: Tensor, *, backend: Optional[str] = None) -> Tensor:
     """Prompts cross-attending to selected tokens, heads merged: (L, B, P, H * d) in q's dtype.
 
     q: (L, H, P, d) shared by the batch, or (L, B, H, P, d); k, v: (L, B, H, n, d).
-    Differentiable in q, k and v. The Triton backend stores only the row LSE for backward.
+    Differentiable in q, k and v. The Triton and native backends store only the row LSE for backward.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_float(name, t)
@@ -117,13 +91,5 @@ def prompt_attention(q: Tensor, k: Tensor, v: Tensor, *, backend: Optional[str] 
     check_same(["q", "k", "v"], [q, k, v])
     if k.numel() == 0 or q.numel() == 0:
         raise ValueError(f"empty input: q {tuple(q.shape)}, k {tuple(k.shape)}; every size must be >= 1")
-    name = resolve("prompt_attention", backend, q, d)
-    if name == "reference":
-        return reference.prompt_attention(q, k, v)
-    if name == "triton":
-        return triton_backend.prompt_attention(q, k, v)[0]
-    if name == "native":
-        from . import native_backend
-
-        return native_backend.prompt_attention(q, k, v)
-    return torch_backend.prompt_attention(q, k, v)
+    run = implementation("prompt_attention", backend, q, d)
+    return run(q, k, v)

@@ -1,34 +1,166 @@
-"""Which backend runs an op: the process-wide choice, the per-device priority list, and why a
-backend cannot run a call (see fpt_fast.ops for the backends)."""
+"""Which backend runs an op call: one declaration per backend, one priority list per device type.
+
+Every backend declares what it runs (ops per device type, dtypes, largest head size, importance
+modes) and how to find out whether it is installed / built; ``unsupported_reasons`` turns that into
+the reasons a backend cannot run a call, an empty tuple when it can. ``auto`` takes the first
+backend of ``PRIORITY[device type]`` with no reason; a backend named explicitly runs the call or
+raises a ValueError with its reasons, it is never replaced by another; when nothing fits, the error
+lists every backend's reasons.
+
+Reasons are computed lazily, cheapest first, and cached: a backend's declared limits are checked
+before its installation is probed, and only the backends actually asked are probed, so naming
+"triton", "torch" or "reference", or ``auto`` stopping at an earlier backend, never builds the
+native extension. Under torch.compile the choice is made once, at trace time
+(torch.compiler.assume_constant_result), and every backend traces: "triton" and "native" register
+fake implementations of their ops, "torch" and "reference" are plain PyTorch.
+"""
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import os
-from typing import Dict, Iterator, Optional
+import sys
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Callable, Dict, Iterator, Mapping, NamedTuple, Optional, Tuple
 
 import torch
-from torch import Tensor
 
-BACKENDS = ("triton", "native", "torch", "reference")
-# "native" first on the CPU: 3-65x faster than "torch" there (benchmarks/native_cpu.py). Its first use
-# builds it (about 30 s, cached); without a compiler it says why once and "torch" is taken.
+from . import native_backend, reference, torch_backend, triton_backend
+from .validation import FLOAT_DTYPES, IMPORTANCE_MODES
+
+OPS = ("token_importance", "attention_with_importance", "select_tokens", "prompt_attention")
+# Ops whose call carries an importance mode ("global" / "class_token").
+IMPORTANCE_OPS = ("token_importance", "attention_with_importance")
+# "native" first on the CPU: faster than "torch" on every op there (benchmarks/native_cpu.py); its
+# first use builds it (about 20 s, cached), and without a compiler it says why once and "torch" is taken.
 PRIORITY = {"cuda": ("triton", "native", "torch"), "cpu": ("native", "torch")}
-MAX_TRITON_HEAD_DIM = 128
+# Other device types: only plain PyTorch runs there.
+OTHER_DEVICES_PRIORITY = ("torch",)
+# The values of the former FPTConfig.attention_backend, mapped onto the backends that run the same.
+ALIASES = {"sdpa": "torch", "math": "reference"}
+NOT_IMPLEMENTED = {"xformers": "is not implemented in this version ('torch' and 'triton' run the same "
+                               "memory-efficient attention)"}
 
-# Read once: Triton reads TRITON_INTERPRET when it is imported, so later changes have no effect.
-_TRITON_FOUND = importlib.util.find_spec("triton") is not None
-_TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+class Call(NamedTuple):
+    """What a backend is asked to run: the op, the inputs' device type, dtype and head size, and the
+    importance mode (None for ops without one)."""
+
+    op: str
+    device_type: str
+    dtype: torch.dtype
+    head_dim: int
+    importance: Optional[str] = None
+
+    def describe(self) -> str:
+        text = f"{self.device_type} {self.dtype} with head size {self.head_dim}"
+        return text + (f" and importance {self.importance!r}" if self.importance else "")
+
+
+def _nothing_missing() -> Optional[str]:
+    return None
+
+
+def _every_device_ready(device_type: str) -> Optional[str]:
+    return None
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One backend's declaration. ``module`` implements OPS with the signatures of
+    fpt_fast.ops.reference. ``ops`` maps a device type to the ops it runs there ("*": any device
+    type not listed). ``missing()`` says why it is not installed or built (None if it is) and may
+    be expensive (a build): it is called at most once per process, and only after a call passed the
+    declared limits. ``device_missing(device_type)`` says what it lacks on that device type once
+    installed."""
+
+    name: str
+    module: ModuleType
+    ops: Mapping[str, Tuple[str, ...]]
+    dtypes: Tuple[torch.dtype, ...] = FLOAT_DTYPES
+    max_head_dim: Optional[int] = None
+    importance: Tuple[str, ...] = IMPORTANCE_MODES
+    missing: Callable[[], Optional[str]] = field(default=_nothing_missing, compare=False)
+    device_missing: Callable[[str], Optional[str]] = field(default=_every_device_ready, compare=False)
+
+    def declared_limits(self, call: Call) -> Tuple[str, ...]:
+        """Reasons from the declaration alone (no probing)."""
+        reasons = []
+        ops = self.ops.get(call.device_type, self.ops.get("*"))
+        if ops is None:
+            reasons.append(f"device type {call.device_type!r} is not supported")
+        elif call.op not in ops:
+            reasons.append(f"{call.op} has no {call.device_type} kernel (there: {', '.join(ops)})")
+        if call.dtype not in self.dtypes:
+            reasons.append(f"dtype {call.dtype} is not supported")
+        if self.max_head_dim is not None and call.head_dim > self.max_head_dim:
+            reasons.append(f"head size {call.head_dim} > {self.max_head_dim}")
+        if call.importance is not None and call.importance not in self.importance:
+            reasons.append(f"importance {call.importance!r} is not implemented")
+        return tuple(reasons)
+
+
+# ------------------------------------------------------------------------------ the backends
+@functools.lru_cache(maxsize=None)
+def _triton_missing() -> Optional[str]:
+    return None if importlib.util.find_spec("triton") is not None else "triton is not installed"
+
+
+def _triton_interpreted() -> bool:
+    # Triton reads TRITON_INTERPRET when a kernel is decorated: once fpt_fast.kernels is imported
+    # its answer is final; before, the environment says what it will be.
+    common = sys.modules.get("fpt_fast.kernels._common")
+    if common is not None:
+        return common.INTERPRETED
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _triton_device_missing(device_type: str) -> Optional[str]:
+    if device_type == "cpu" and not _triton_interpreted():
+        return "CPU tensors need Triton's interpreter (TRITON_INTERPRET=1 before importing triton)"
+    return None
+
+
+def _native_device_missing(device_type: str) -> Optional[str]:
+    if device_type == "cuda":
+        reason = native_backend.cuda_kernel_reason()
+        return None if reason is None else f"no CUDA kernel: {reason}"
+    return None
+
+
+DECLARATIONS: Dict[str, Backend] = {b.name: b for b in (
+    Backend("triton", triton_backend, ops={"cuda": OPS, "cpu": OPS}, max_head_dim=128,
+            missing=_triton_missing, device_missing=_triton_device_missing),
+    Backend("native", native_backend, ops={"cpu": OPS, "cuda": ("select_tokens",)},
+            missing=native_backend.unavailable_reason, device_missing=_native_device_missing),
+    Backend("torch", torch_backend, ops={"*": OPS}),
+    Backend("reference", reference, ops={"*": OPS}),
+)}
+BACKENDS = tuple(DECLARATIONS)
+
 _default_backend = "auto"
 
 
-# ------------------------------------------------------------------------ backend selection
+# ----------------------------------------------------------------------------------- names
+def canonical_backend(name: str) -> str:
+    """"auto" or one of BACKENDS, with ALIASES mapped; a ValueError for anything else."""
+    if not isinstance(name, str):
+        raise TypeError(f"backend must be a str, got {type(name).__name__}")
+    if name in NOT_IMPLEMENTED:
+        raise ValueError(f"backend={name!r} {NOT_IMPLEMENTED[name]}")
+    name = ALIASES.get(name, name)
+    if name != "auto" and name not in DECLARATIONS:
+        raise ValueError(f"backend={name!r} is unknown: expected 'auto', one of {BACKENDS} "
+                         f"or an alias {tuple(ALIASES)}")
+    return name
+
+
 def set_backend(name: str) -> None:
-    """Sets the process-wide backend for every op: "auto" or one of BACKENDS."""
+    """Sets the backend of every op call that names none: "auto" (the default) or one of BACKENDS."""
     global _default_backend
-    if name != "auto" and name not in BACKENDS:
-        raise ValueError(f"backend={name!r} is unknown: expected 'auto' or one of {BACKENDS}")
-    _default_backend = name
+    _default_backend = canonical_backend(name)
 
 
 def get_backend() -> str:
@@ -46,55 +178,80 @@ def use_backend(name: str) -> Iterator[None]:
         set_backend(previous)
 
 
-def unsupported_reason(backend: str, op: str, device: torch.device, dtype: torch.dtype,
-                       head_dim: int) -> Optional[str]:
-    """Why ``backend`` cannot run ``op`` on these inputs, or None if it can."""
-    if backend in ("torch", "reference"):
-        return None
-    if backend == "triton":
-        if not _TRITON_FOUND:
-            return "triton is not installed"
-        if device.type == "cpu" and not _TRITON_INTERPRET:
-            return "CPU tensors need Triton's interpreter (TRITON_INTERPRET=1 before importing triton)"
-        if device.type not in ("cuda", "cpu"):
-            return f"device type {device.type!r} is not supported"
-        if head_dim > MAX_TRITON_HEAD_DIM:
-            return f"head size {head_dim} > {MAX_TRITON_HEAD_DIM}"
-        return None
-    if backend == "native":
-        from . import native_backend
-
-        return (native_backend.unavailable_reason()
-                or native_backend.unsupported_reason(op, device, dtype, head_dim))
-    raise ValueError(f"backend={backend!r} is unknown: expected 'auto' or one of {BACKENDS}")
+# --------------------------------------------------------------------------------- reasons
+@functools.lru_cache(maxsize=None)
+def _reasons(name: str, call: Call) -> Tuple[str, ...]:
+    backend = DECLARATIONS[name]
+    reasons = backend.declared_limits(call)
+    if reasons:
+        return reasons
+    missing = backend.missing()
+    if missing is not None:
+        return (missing,)
+    missing = backend.device_missing(call.device_type)
+    return () if missing is None else (missing,)
 
 
-def resolve(op: str, backend: Optional[str], t: Tensor, head_dim: int) -> str:
-    name = _default_backend if backend is None else backend
-    compiling = torch.compiler.is_compiling()
-    if compiling and name == "native":
-        raise ValueError(f"{op}: backend 'native' cannot be traced by torch.compile (its ops have no fake "
-                         f"implementations); use 'triton' or 'torch'")
+def unsupported_reasons(backend: str, op: str, device, dtype: torch.dtype = torch.float32, head_dim: int = 64,
+                        importance: Optional[str] = None) -> Tuple[str, ...]:
+    """Why ``backend`` cannot run ``op`` on these inputs: an empty tuple when it can."""
+    name = canonical_backend(backend)
     if name == "auto":
-        reasons = []
-        candidates = PRIORITY.get(t.device.type, ("torch",))
-        if compiling:  # only backends with fake implementations (or plain torch code) can be traced
-            candidates = tuple(c for c in candidates if c != "native")
-        for candidate in candidates:
-            reason = unsupported_reason(candidate, op, t.device, t.dtype, head_dim)
-            if reason is None:
-                return candidate
-            reasons.append(f"{candidate}: {reason}")
-        raise ValueError(f"{op}: no backend supports {t.device.type} {t.dtype} with head size "
-                         f"{head_dim}: " + "; ".join(reasons))
-    reason = unsupported_reason(name, op, t.device, t.dtype, head_dim)
-    if reason is not None:
-        raise ValueError(f"{op}: backend {name!r} cannot run this call: {reason}")
-    return name
+        raise ValueError("unsupported_reasons: name a backend, not 'auto'")
+    if op not in OPS:
+        raise ValueError(f"op={op!r} is unknown: expected one of {OPS}")
+    if op in IMPORTANCE_OPS and importance is None:
+        importance = "global"
+    return _reasons(name, Call(op, torch.device(device).type, dtype, head_dim, importance))
 
 
-def backends(device: Optional[str] = None) -> Dict[str, Optional[str]]:
-    """{backend: None if usable, else the reason} for a float32 call with head size 64."""
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return {b: unsupported_reason(b, "any", dev, torch.float32, 64) for b in BACKENDS}
+@torch.compiler.assume_constant_result
+def resolve(op: str, backend: str, device_type: str, dtype: torch.dtype, head_dim: int,
+            importance: Optional[str] = None) -> str:
+    """The backend that runs this call: ``backend`` itself if it can (else a ValueError with its
+    reasons), or for "auto" the first of the device type's priority list that can."""
+    name = canonical_backend(backend)
+    call = Call(op, device_type, dtype, head_dim, importance)
+    if name != "auto":
+        reasons = _reasons(name, call)
+        if reasons:
+            raise ValueError(f"{op}: backend {name!r} cannot run {call.describe()}: {'; '.join(reasons)}")
+        return name
+    tried = []
+    for candidate in PRIORITY.get(device_type, OTHER_DEVICES_PRIORITY):
+        reasons = _reasons(candidate, call)
+        if not reasons:
+            return candidate
+        tried.append(f"{candidate}: {'; '.join(reasons)}")
+    raise ValueError(f"{op}: no backend can run {call.describe()} ({' | '.join(tried)})")
 
+
+def implementation(op: str, backend: Optional[str], t: torch.Tensor, head_dim: int,
+                   importance: Optional[str] = None) -> Callable:
+    """The function of the chosen backend's module that runs ``op`` for inputs like ``t``
+    (backend None: the process-wide choice of set_backend)."""
+    name = resolve(op, _default_backend if backend is None else backend, t.device.type, t.dtype, head_dim,
+                   importance)
+    return getattr(DECLARATIONS[name].module, op)
+
+
+# ----------------------------------------------------------------------------------- tables
+def backend_table(device) -> Dict[str, Dict[str, Tuple[str, ...]]]:
+    """{backend: {op: reasons}} for a float32 call with head size 64 and "global" importance on
+    ``device``: an empty tuple where the backend runs the op. Probes every backend (the native
+    extension is built if it is not yet)."""
+    device_type = torch.device(device).type
+    return {name: {op: unsupported_reasons(name, op, device_type) for op in OPS} for name in BACKENDS}
+
+
+def auto_choices(device) -> Dict[str, str]:
+    """{op: the backend "auto" picks} for the calls of backend_table, or the error's text."""
+    device_type = torch.device(device).type
+    choices = {}
+    for op in OPS:
+        try:
+            choices[op] = resolve(op, "auto", device_type, torch.float32, 64,
+                                  "global" if op in IMPORTANCE_OPS else None)
+        except ValueError as error:
+            choices[op] = f"none ({error})"
+    return choices

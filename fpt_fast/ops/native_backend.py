@@ -1,25 +1,31 @@
-"""Loader and Python face of the native extension fpt_fast.ops._C (sources in csrc/).
+"""The "native" backend: loader and Python face of the C++/CUDA extension (sources in csrc/).
 
 The extension registers its kernels as ordinary torch ops in the namespace ``fpt_fast_native``
 (``torch.ops.fpt_fast_native.*``): C++ CPU kernels for every op, and on CUDA a fused radix-select
-+ gather for ``select_tokens``. ``fpt_fast.ops`` reaches them as backend "native".
++ gather for ``select_tokens``. Once loaded, this module adds what the C++ side does not: fake
+implementations (shapes only, so torch.compile traces the ops) and the autograd formula of
+``prompt_attention`` (its backward is the native kernel ``prompt_attention_backward``, which
+recomputes the probabilities from the saved row LSE).
 
-How it is found, in order, on first use (``unavailable_reason()``, ``load()`` or any op below):
+How it is found, in order, on first use (``unavailable_reason()``, ``extension_status()`` or any op
+below), never at import:
 1. ``FPT_FAST_NATIVE=0`` disables it (no build, no warning).
 2. ``import fpt_fast.ops._C``: built ahead of time by ``FPT_FAST_BUILD_EXT=1 pip install .``
    (skipped with ``FPT_FAST_NATIVE=jit``).
-3. A just-in-time build with ninja (torch.utils.cpp_extension.load), cached per torch version,
-   Python version and variant under ``$FPT_FAST_EXTENSIONS_DIR``, else ``$TORCH_EXTENSIONS_DIR/fpt_fast``,
-   else ``~/.cache/fpt_fast``. The CUDA source is added only where torch has CUDA, nvcc is found and a
-   GPU is present; if that build fails, a CPU-only build is tried. The first build takes about a
-   minute on two cores; later processes only re-check the cache (ninja, about a second).
+3. A just-in-time build with ninja (torch.utils.cpp_extension.load) of the sources and flags listed
+   in fpt_fast.ops.native_build, under ``$FPT_FAST_EXTENSIONS_DIR``, else
+   ``$TORCH_EXTENSIONS_DIR/fpt_fast``, else ``~/.cache/fpt_fast``, in a folder named by a hash of the
+   sources, flags, include paths and versions (native_build.cache_key): two environments never
+   share, and so never rebuild, one folder. The CUDA source is added only where torch has CUDA,
+   nvcc is found and a GPU is present; if that build fails, a CPU-only build is tried. A fresh
+   CPU build takes about 20 s on two cores; later processes only re-check the cache (ninja, about
+   a second).
 If nothing works (no compiler, no ninja...), one warning is issued, ``unavailable_reason()`` says
 why, and fpt_fast keeps working with its other backends.
 
 Limits: inputs float32/float16/bfloat16 (computed in float32), any head size; CUDA: only
-select_tokens. ``prompt_attention`` is differentiable through a torch.autograd.Function whose
-backward is the native kernel ``prompt_attention_backward`` (probabilities recomputed from the
-saved row LSE); importance scores and selected rows carry no gradient, as in ``fpt_fast.ops``.
+select_tokens (the dispatcher, fpt_fast.ops.dispatch, declares this). Importance scores and
+selected rows carry no gradient, as in ``fpt_fast.ops``.
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ import logging
 import os
 import shutil
 import sys
+import sysconfig
 import threading
 import time
 import warnings
@@ -36,14 +43,9 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from . import native_build
+
 NAMESPACE = "fpt_fast_native"
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-CPU_SOURCES = ("registration.cpp", "cpu_math.cpp", "cpu_attention.cpp", "cpu_select.cpp")
-CUDA_SOURCES = ("cuda_select.cu",)
-# -ffp-contract=fast lets the vector bodies use FMA (-std=c++17 alone turns contraction off);
-# -Wno-psabi silences GCC's notes about passing vector types between inlined helpers.
-CXX_FLAGS = ["-O3", "-ffp-contract=fast", "-Wno-psabi"]
-NVCC_FLAGS = ["-O3", "--use_fast_math"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,23 +63,32 @@ def source_dir() -> Optional[Path]:
     """csrc/ next to the package (installed package data) or at the repository root (editable)."""
     package = Path(__file__).resolve().parent.parent
     for candidate in (package / "csrc", package.parent / "csrc"):
-        if all((candidate / name).is_file() for name in CPU_SOURCES):
+        if all((candidate / name).is_file() for name in native_build.CPU_SOURCES + native_build.HEADERS):
             return candidate
     return None
 
 
-def build_dir(with_cuda: bool) -> Path:
-    """Where the JIT build lives: one folder per torch version, Python version and variant."""
+def _cache_root() -> Path:
     base = os.environ.get("FPT_FAST_EXTENSIONS_DIR")
     if base:
-        root = Path(base)
-    elif os.environ.get("TORCH_EXTENSIONS_DIR"):
-        root = Path(os.environ["TORCH_EXTENSIONS_DIR"]) / "fpt_fast"
-    else:
-        root = Path.home() / ".cache" / "fpt_fast"
+        return Path(base)
+    if os.environ.get("TORCH_EXTENSIONS_DIR"):
+        return Path(os.environ["TORCH_EXTENSIONS_DIR"]) / "fpt_fast"
+    return Path.home() / ".cache" / "fpt_fast"
+
+
+def build_dir(src: Path, with_cuda: bool) -> Path:
+    """Where the JIT build of these sources lives: a folder per variant and cache key (see the header)."""
+    from torch.utils import cpp_extension
+
+    include_paths = [*cpp_extension.include_paths(), sysconfig.get_paths()["include"], str(src)]
+    if with_cuda:
+        include_paths.append(str(cpp_extension.CUDA_HOME))
+    versions = [torch.__version__, sys.version, str(torch.version.cuda), os.environ.get("CXX", "c++")]
+    key = native_build.cache_key(src, with_cuda, include_paths, versions)
     variant = f"cuda{torch.version.cuda}" if with_cuda else "cpu"
-    tag = f"torch-{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}-{variant}"
-    return root / tag.replace("+", "_")
+    tag = f"torch-{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}-{variant}-{key}"
+    return _cache_root() / tag.replace("+", "_")
 
 
 def _cuda_build_reason() -> Optional[str]:
@@ -120,20 +131,18 @@ def _jit_build(with_cuda: bool) -> None:
         raise FileNotFoundError(f"no C++ compiler: {compiler!r} is not on PATH (set CXX or install g++)")
     if not cpp_extension.is_ninja_available():
         raise FileNotFoundError("ninja is not installed (pip install ninja)")
-    sources = [str(src / name) for name in CPU_SOURCES]
-    if with_cuda:
-        sources += [str(src / name) for name in CUDA_SOURCES]
-    directory = build_dir(with_cuda)
+    directory = build_dir(src, with_cuda)
     directory.mkdir(parents=True, exist_ok=True)
-    fresh = not any(directory.glob("*.so"))
-    if fresh:
-        logger.warning("fpt_fast: building the native extension in %s (first use: about a minute)", directory)
+    if not any(directory.glob("*.so")):
+        logger.warning("fpt_fast: building the native extension in %s (first use: about 20 s on two cores)",
+                       directory)
     start = time.perf_counter()
     cpp_extension.load(
         name=f"fpt_fast_native_{'cuda' if with_cuda else 'cpu'}",
-        sources=sources,
-        extra_cflags=list(CXX_FLAGS),
-        extra_cuda_cflags=list(NVCC_FLAGS),
+        sources=[str(src / name) for name in native_build.sources(with_cuda)],
+        extra_cflags=list(native_build.CXX_FLAGS),
+        extra_ldflags=list(native_build.LINK_FLAGS),
+        extra_cuda_cflags=list(native_build.NVCC_FLAGS),
         extra_include_paths=[str(src)],
         build_directory=str(directory),
         with_cuda=with_cuda,
@@ -144,7 +153,8 @@ def _jit_build(with_cuda: bool) -> None:
     _state["source"] = f"JIT build in {directory}"
 
 
-def _first_line(error: BaseException) -> str:
+def _last_line(error: BaseException) -> str:
+    """The error's type and the last line of its message (a failed build's log ends with its summary)."""
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[-1] if text else ''}"[:400]
 
@@ -162,9 +172,9 @@ def _try_load() -> Optional[str]:
             _state["source"] = "prebuilt fpt_fast.ops._C"
         except ImportError as error:  # absent, or built for another torch
             if "No module named" not in str(error):
-                problems.append(f"prebuilt fpt_fast.ops._C did not load ({_first_line(error)})")
+                problems.append(f"prebuilt fpt_fast.ops._C did not load ({_last_line(error)})")
         except OSError as error:
-            problems.append(f"prebuilt fpt_fast.ops._C did not load ({_first_line(error)})")
+            problems.append(f"prebuilt fpt_fast.ops._C did not load ({_last_line(error)})")
     if not _ops_registered():
         cuda_reason = _cuda_build_reason()
         attempts = [True, False] if cuda_reason is None else [False]
@@ -173,12 +183,12 @@ def _try_load() -> Optional[str]:
                 _jit_build(with_cuda)
                 break
             except Exception as error:  # a missing compiler shows up as many exception types
-                problems.append(f"the {'CUDA' if with_cuda else 'CPU'} JIT build failed ({_first_line(error)})")
+                problems.append(f"the {'CUDA' if with_cuda else 'CPU'} JIT build failed ({_last_line(error)})")
     if not _ops_registered():
         return "; ".join(problems) or "the native ops did not register"
     _state["cuda_reason"] = None if _has_cuda_kernel() else (
         _cuda_build_reason() or "the extension was built without its CUDA kernel")
-    _register_fakes()
+    _register_python_side()
     return None
 
 
@@ -200,48 +210,42 @@ def unavailable_reason() -> Optional[str]:
     return _state["reason"]
 
 
-def info() -> dict:
-    """Where the extension came from, how long the build took, and what it lacks."""
+def cuda_kernel_reason() -> Optional[str]:
+    """None when the loaded extension has its CUDA kernel (select_tokens), else why it has not."""
+    load()
+    return _state["reason"] or _state["cuda_reason"]
+
+
+def extension_status() -> dict:
+    """Where the extension came from, how long its build took here, its CPU vector path, and what it
+    lacks: {"reason", "source", "cpu_isa", "cuda_reason", "build_seconds"}."""
     load()
     isa = getattr(torch.ops, NAMESPACE).cpu_isa() if _state["reason"] is None else None
     return {"reason": _state["reason"], "source": _state["source"], "cpu_isa": isa,
             "cuda_reason": _state["cuda_reason"], "build_seconds": _state["build_seconds"]}
 
 
-def unsupported_reason(op: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> Optional[str]:
-    """Why the (loaded) extension cannot run ``op`` on these inputs, or None if it can."""
-    if dtype not in FLOAT_DTYPES:
-        return f"dtype {dtype} is not supported"
-    if device.type == "cpu":
-        return None
-    if device.type == "cuda":
-        if _state["cuda_reason"] is not None:
-            return f"no CUDA kernels: {_state['cuda_reason']}"
-        if op not in ("select_tokens", "any"):
-            return f"{op} has no CUDA kernel (only select_tokens does)"
-        return None
-    return f"device type {device.type!r} is not supported"
-
-
 def _ops():
-    if not load():
+    # load() has run already when the dispatcher chose this backend: the check is a dict read,
+    # which torch.compile traces without a graph break.
+    if not _state["tried"]:
+        load()
+    if _state["reason"] is not None:
         raise RuntimeError(f"fpt_fast native extension is unavailable: {_state['reason']}")
     return getattr(torch.ops, NAMESPACE)
 
 
-# ------------------------------------------------------------------------------------- ops
-def token_importance(q: Tensor, k: Tensor, lse: Optional[Tensor] = None) -> Tensor:
-    """Global token importance (B, H, N) float32; q, k (B, H, N, d); lse optional (B, H, N) float32."""
+# ------------------------------------------------- ops (the signatures of fpt_fast.ops.reference)
+def token_importance(q: Tensor, k: Tensor, importance: str = "global", lse: Optional[Tensor] = None) -> Tensor:
+    """Token importance (B, H, N) float32; q, k (B, H, N, d); lse optional (B, H, N) float32."""
     with torch.no_grad():
-        return _ops().token_importance(q, k, lse)
+        return _ops().token_importance(q, k, lse, importance == "class_token")
 
 
-def attention_with_importance(q: Tensor, k: Tensor, v: Tensor, mode: str = "global") -> Tuple[Tensor, Tensor]:
-    """(out (B, H, N, d) in q's dtype, scores (B, H, N) float32); mode "global" or "class_token"."""
-    if mode not in ("global", "class_token"):
-        raise ValueError(f"mode={mode!r} is unknown: expected 'global' or 'class_token'")
+def attention_with_importance(q: Tensor, k: Tensor, v: Tensor, importance: str = "global") -> Tuple[Tensor, Tensor]:
+    """(out (B, H, N, d) in q's dtype, scores (B, H, N) float32); importance "global" or "class_token"."""
     with torch.no_grad():
-        return tuple(_ops().attention_with_importance(q, k, v, mode == "class_token"))
+        return tuple(_ops().attention_with_importance(q, k, v, importance == "class_token"))
 
 
 def select_tokens(scores: Tensor, k: Tensor, v: Tensor, n: int,
@@ -251,40 +255,17 @@ def select_tokens(scores: Tensor, k: Tensor, v: Tensor, n: int,
         return tuple(_ops().select_tokens(scores, k, v, n, out_dtype))
 
 
-class _PromptAttention(torch.autograd.Function):
-    """Native forward (out, row LSE); native backward recomputes the probabilities from the LSE."""
-
-    @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        out, lse = _ops().prompt_attention(q, k, v)
-        ctx.save_for_backward(q, k, v, lse)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        q, k, v, lse = ctx.saved_tensors
-        need_kv = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-        dq, dk, dv = _ops().prompt_attention_backward(grad_out, q, k, v, lse, need_kv)
-        if not need_kv:
-            dk = dv = None
-        return dq, dk, dv
-
-
 def prompt_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """q (L, H, P, d) or (L, B, H, P, d); k, v (L, B, H, n, d) -> (L, B, P, H * d) in q's dtype."""
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return _PromptAttention.apply(q, k, v)
+    """q (L, H, P, d) or (L, B, H, P, d); k, v (L, B, H, n, d) -> (L, B, P, H * d) in q's dtype.
+    Differentiable in q, k and v (the autograd formula is registered at load)."""
     return _ops().prompt_attention(q, k, v)[0]
 
 
-# ------------------------------------------------------------------------ torch.compile fakes
-def _register_fakes() -> None:
-    """Shape-only versions of the ops, so that torch.compile can trace through them."""
-    register = getattr(torch.library, "register_fake", None)
-    if register is None:
-        return
-
-    def importance(q, k, lse):
+# -------------------------------------------------- what the C++ side does not register itself
+def _register_python_side() -> None:
+    """Fake implementations of every op (shapes only, for torch.compile) and the autograd formula of
+    prompt_attention."""
+    def importance(q, k, lse, class_token):
         return q.new_empty(q.shape[:3], dtype=torch.float32)
 
     def attention(q, k, v, class_token):
@@ -309,6 +290,25 @@ def _register_fakes() -> None:
                      ("select_tokens", select), ("prompt_attention", prompt),
                      ("prompt_attention_backward", prompt_backward)):
         try:
-            register(f"{NAMESPACE}::{name}")(fn)
-        except (RuntimeError, ValueError, TypeError) as error:  # e.g. registered twice, older torch
+            torch.library.register_fake(f"{NAMESPACE}::{name}")(fn)
+        except (RuntimeError, ValueError, TypeError) as error:  # e.g. registered twice
             logger.debug("fpt_fast: no fake for %s: %s", name, error)
+    try:
+        torch.library.register_autograd(f"{NAMESPACE}::prompt_attention", _prompt_attention_grad,
+                                        setup_context=_prompt_attention_setup)
+    except (RuntimeError, ValueError, TypeError) as error:
+        logger.debug("fpt_fast: no autograd formula for prompt_attention: %s", error)
+
+
+def _prompt_attention_setup(ctx, inputs, output):
+    q, k, v = inputs
+    ctx.save_for_backward(q, k, v, output[1])
+    ctx.need_kv_grad = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+
+
+def _prompt_attention_grad(ctx, grad_out, grad_lse):
+    q, k, v, lse = ctx.saved_tensors
+    dq, dk, dv = getattr(torch.ops, NAMESPACE).prompt_attention_backward(grad_out, q, k, v, lse, ctx.need_kv_grad)
+    if not ctx.need_kv_grad:
+        dk = dv = None
+    return dq, dk, dv

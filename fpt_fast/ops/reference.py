@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 
-def token_importance(q: Tensor, k: Tensor, mode: str = "global", lse: Optional[Tensor] = None) -> Tensor:
+def token_importance(q: Tensor, k: Tensor, importance: str = "global", lse: Optional[Tensor] = None) -> Tensor:
     """Importance s_j of every key token, per (batch, head).
 
     q, k: (B, H, N, d). Returns (B, H, N) float32.
@@ -22,17 +22,17 @@ def token_importance(q: Tensor, k: Tensor, mode: str = "global", lse: Optional[T
         probs = logits.softmax(dim=-1)
     else:
         probs = torch.exp(logits - lse.float()[..., None])
-    if mode == "class_token":
+    if importance == "class_token":
         return probs[:, :, 0, :]
     return probs.mean(dim=2)
 
 
-def attention_with_importance(q: Tensor, k: Tensor, v: Tensor, mode: str = "global") -> Tuple[Tensor, Tensor]:
+def attention_with_importance(q: Tensor, k: Tensor, v: Tensor, importance: str = "global") -> Tuple[Tensor, Tensor]:
     """Attention output (B, H, N, d) in q's dtype and token importance (B, H, N) float32."""
     scale = q.shape[-1] ** -0.5
     probs = (torch.einsum("bhid,bhjd->bhij", q.float(), k.float()) * scale).softmax(dim=-1)
     out = torch.einsum("bhij,bhjd->bhid", probs, v.float()).to(q.dtype)
-    scores = probs[:, :, 0, :] if mode == "class_token" else probs.mean(dim=2)
+    scores = probs[:, :, 0, :] if importance == "class_token" else probs.mean(dim=2)
     return out, scores
 
 

@@ -1,5 +1,6 @@
 """The "triton" backend: the kernels of fpt_fast.kernels registered as torch custom ops, with fake
-implementations (so torch.compile traces them) and autograd for prompt attention."""
+implementations (so torch.compile traces them) and autograd for prompt attention. The module-level
+functions at the end have the signatures of fpt_fast.ops.reference."""
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -7,46 +8,47 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .torch_backend import class_token_scores
 
-
-@torch.library.custom_op("fpt_fast::attention_importance", mutates_args=())
-def attention_importance(q: Tensor, k: Tensor, v: Tensor, class_token: bool) -> Tuple[Tensor, Tensor]:
+@torch.library.custom_op("fpt_fast::attention_with_importance", mutates_args=())
+def _attention_with_importance(q: Tensor, k: Tensor, v: Tensor, class_token: bool) -> Tuple[Tensor, Tensor]:
     from ..kernels import token_importance as kernel
 
     out, lse = kernel.attention_forward(q, k, v)
-    scores = class_token_scores(q, k) if class_token else kernel.token_importance_forward(q, k, lse)
-    return out, scores
+    if class_token:
+        return out, kernel.class_token_importance_forward(q, k, lse)
+    return out, kernel.token_importance_forward(q, k, lse)
 
 
-@attention_importance.register_fake
+@_attention_with_importance.register_fake
 def _(q, k, v, class_token):
     return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @torch.library.custom_op("fpt_fast::token_importance", mutates_args=())
-def token_importance(q: Tensor, k: Tensor, lse: Optional[Tensor]) -> Tensor:
+def _token_importance(q: Tensor, k: Tensor, lse: Optional[Tensor], class_token: bool) -> Tensor:
     from ..kernels import token_importance as kernel
 
+    if class_token:  # computes LSE_0 itself when lse is None: no attention pass
+        return kernel.class_token_importance_forward(q, k, lse)
     if lse is None:
         lse = kernel.attention_forward(q, k, None)[1]
     return kernel.token_importance_forward(q, k, lse)
 
 
-@token_importance.register_fake
-def _(q, k, lse):
+@_token_importance.register_fake
+def _(q, k, lse, class_token):
     return q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @torch.library.custom_op("fpt_fast::select_tokens", mutates_args=())
-def select_tokens(scores: Tensor, k: Tensor, v: Tensor, n: int,
-                          out_dtype: Optional[torch.dtype]) -> Tuple[Tensor, Tensor]:
+def _select_tokens(scores: Tensor, k: Tensor, v: Tensor, n: int,
+                   out_dtype: Optional[torch.dtype]) -> Tuple[Tensor, Tensor]:
     from ..kernels import select_tokens as kernel
 
     return kernel.select_tokens_forward(scores, k, v, n, out_dtype or k.dtype)
 
 
-@select_tokens.register_fake
+@_select_tokens.register_fake
 def _(scores, k, v, n, out_dtype):
     shape = (*k.shape[:2], n, k.shape[-1])
     dtype = out_dtype or k.dtype
@@ -54,13 +56,13 @@ def _(scores, k, v, n, out_dtype):
 
 
 @torch.library.custom_op("fpt_fast::prompt_attention", mutates_args=())
-def prompt_attention(q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
+def _prompt_attention(q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
     from ..kernels import prompt_attention as kernel
 
     return kernel.prompt_attention_forward(q, k, v)
 
 
-@prompt_attention.register_fake
+@_prompt_attention.register_fake
 def _(q, k, v):
     L, B, H, n, d = k.shape
     P = q.shape[-2]
@@ -68,8 +70,8 @@ def _(q, k, v):
 
 
 @torch.library.custom_op("fpt_fast::prompt_attention_backward", mutates_args=())
-def prompt_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
-                                      lse: Tensor, need_kv_grad: bool) -> Tuple[Tensor, Tensor, Tensor]:
+def _prompt_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
+                               lse: Tensor, need_kv_grad: bool) -> Tuple[Tensor, Tensor, Tensor]:
     from ..kernels import prompt_attention as kernel
 
     dq, dk, dv = kernel.prompt_attention_backward(grad_out, q, k, v, out, lse, need_kv_grad)
@@ -78,7 +80,7 @@ def prompt_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor,
     return dq, dk, dv
 
 
-@prompt_attention_backward.register_fake
+@_prompt_attention_backward.register_fake
 def _(grad_out, q, k, v, out, lse, need_kv_grad):
     if need_kv_grad:
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -94,11 +96,29 @@ def _prompt_attention_setup(ctx, inputs, output):
 
 def _prompt_attention_grad(ctx, grad_out, grad_lse):
     q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = prompt_attention_backward(grad_out, q, k, v, out, lse, ctx.need_kv_grad)
+    dq, dk, dv = _prompt_attention_backward(grad_out, q, k, v, out, lse, ctx.need_kv_grad)
     if not ctx.need_kv_grad:
         dk = dv = None
     return dq, dk, dv
 
 
-prompt_attention.register_autograd(_prompt_attention_grad, setup_context=_prompt_attention_setup)
+_prompt_attention.register_autograd(_prompt_attention_grad, setup_context=_prompt_attention_setup)
+
+
+# ------------------------------------------------- ops (the signatures of fpt_fast.ops.reference)
+def token_importance(q: Tensor, k: Tensor, importance: str = "global", lse: Optional[Tensor] = None) -> Tensor:
+    return _token_importance(q, k, lse, importance == "class_token")
+
+
+def attention_with_importance(q: Tensor, k: Tensor, v: Tensor, importance: str = "global") -> Tuple[Tensor, Tensor]:
+    return _attention_with_importance(q, k, v, importance == "class_token")
+
+
+def select_tokens(scores: Tensor, k: Tensor, v: Tensor, n: int,
+                  out_dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Tensor]:
+    return _select_tokens(scores, k, v, n, out_dtype)
+
+
+def prompt_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    return _prompt_attention(q, k, v)[0]
 

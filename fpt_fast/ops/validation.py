@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-MODES = ("global", "class_token")
+IMPORTANCE_MODES = ("global", "class_token")
 
 
 def describe(t: Tensor) -> str:
@@ -48,7 +48,7 @@ def check_qkv(q: Tensor, k: Tensor, v: Optional[Tensor]) -> None:
         raise ValueError(f"q ({describe(q)}) is empty: B, H, N and d must all be >= 1")
 
 
-def check_mode(mode: str) -> None:
-    if mode not in MODES:
-        raise ValueError(f"mode={mode!r} is unknown: expected one of {MODES}")
+def check_importance(importance: str) -> None:
+    if importance not in IMPORTANCE_MODES:
+        raise ValueError(f"importance={importance!r} is unknown: expected one of {IMPORTANCE_MODES}")
 

@@ -133,3 +133,18 @@ def test_shipped_configs_load(path):
         assert settings.to_dict() == load_settings().to_dict()
         written = yaml.safe_load(path.read_text())
         assert {s: set(v) for s, v in written.items()} == {s: set(v) for s, v in settings.to_dict().items()}
+
+
+def test_saved_settings_of_the_former_backend_keys_are_upgraded():
+    from fpt_fast.app.settings import upgrade_saved_settings
+
+    saved = {"model": {"attention_backend": "sdpa", "op_backend": "triton", "num_classes": 3}, "train": {}}
+    assert upgrade_saved_settings(saved)["model"] == {"backend": "sdpa", "num_classes": 3}
+    saved = {"model": {"attention_backend": "auto", "op_backend": "torch"}}
+    assert upgrade_saved_settings(saved)["model"] == {"backend": "torch"}
+    assert upgrade_saved_settings({"model": {"backend": "native"}}) == {"model": {"backend": "native"}}
+
+
+def test_a_former_backend_key_in_a_file_names_its_successor():
+    with pytest.raises(ValueError, match="now model.backend"):
+        load_settings(None, ["model.attention_backend=sdpa"])

@@ -49,10 +49,10 @@ BAD = [
     (dict(backbone="not_a_model"), "backbone"),
     (dict(num_classes=0), "num_classes"),
     (dict(side_reduction_ratio=3), "side_reduction_ratio"),
-    (dict(attention_backend="fast"), "attention_backend"),
+    (dict(backend="fast"), "backend"),
+    (dict(backend="xformers"), "backend"),
     (dict(frozen_dtype="float64"), "frozen_dtype"),
     (dict(frozen_chunk_size=0), "frozen_chunk_size"),
-    (dict(op_backend="cuda"), "op_backend"),
     (dict(dropout=1.0), "dropout"),
 ]
 
@@ -72,3 +72,20 @@ def test_round_trip_through_dict():
     cfg = tiny_config("fpt+")
     again = FPTConfig(**cfg.to_dict())
     assert again.to_dict() == cfg.to_dict()
+
+
+def test_one_backend_field_with_the_former_attention_backend_names():
+    assert tiny_config("fpt").backend == "auto"
+    assert tiny_config("fpt", backend="sdpa").backend == "torch"
+    assert tiny_config("fpt", backend="math").backend == "reference"
+    assert tiny_config("fpt", backend="native").to_dict()["backend"] == "native"
+    with pytest.raises(ValueError, match="'xformers' is not implemented in this version"):
+        tiny_config("fpt", backend="xformers")
+    with pytest.raises(TypeError):
+        tiny_config("fpt", attention_backend="sdpa")  # the former field is gone, not ignored
+
+
+def test_backbone_info():
+    info = tiny_config("fpt").backbone_info
+    assert (info.embed_dim, info.num_heads, info.depth, info.head_dim) == (64, 2, 3, 32)
+    assert info.patch_size == (16, 16) and info.num_prefix_tokens == 1 and info.has_class_token

@@ -38,7 +38,7 @@ CASES = [(v, "auto") for v in VARIANTS] + [("fpt", "triton"), ("fpt+", "triton")
 @pytest.mark.parametrize("variant, backend", CASES, ids=[f"{v}-{b}" for v, b in CASES])
 def test_logits_and_gradients_match_reference(variant, backend):
     """backend "triton": every fused op of the model (extraction and fusion) runs the Triton kernels."""
-    overrides = {} if backend == "auto" else dict(op_backend=backend, attention_backend=backend)
+    overrides = {} if backend == "auto" else dict(backend=backend)
     model = build(variant, **overrides).eval()
     cfg = model.config
     torch.manual_seed(1)
@@ -131,8 +131,8 @@ def test_forward_with_explicit_side_input_and_features():
     cfg = model.config
     x_hi, x_lo = torch.randn(2, 3, *cfg.image_size), torch.randn(2, 3, 48, 32)
     features = model.extract(x_hi)
-    L, n, d = len(cfg.layers), cfg.num_selected, cfg.info.head_dim
-    assert features.keys.shape == features.values.shape == (L, 2, cfg.info.num_heads, n, d)
+    L, n, d = len(cfg.layers), cfg.num_selected, cfg.backbone_info.head_dim
+    assert features.keys.shape == features.values.shape == (L, 2, cfg.backbone_info.num_heads, n, d)
     torch.testing.assert_close(model.forward_from_features(x_lo, features), model(x_hi, x_lo))
     torch.testing.assert_close(model.forward_from_features(x_lo, tuple(features)), model(x_hi, x_lo))
     torch.testing.assert_close(model(x_hi, x_lo), reference.fpt_forward(model, x_hi, x_lo), atol=2e-5, rtol=1e-4)

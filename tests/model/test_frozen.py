@@ -1,4 +1,6 @@
 """The frozen branch: extraction equals the reference's, early exit, chunking, no autograd."""
+import contextlib
+
 import pytest
 import torch
 
@@ -157,21 +159,22 @@ def test_training_step_records_nothing_of_the_frozen_branch():
     assert saved_bytes(lambda: model(x_hi)) == saved_bytes(lambda: model.forward_from_features(x_lo, features))
 
 
-@pytest.mark.parametrize("backend", ["sdpa", "math", "triton", "native"])
+@pytest.mark.parametrize("backend", ["torch", "reference", "triton", "native"])
 @pytest.mark.parametrize("variant", ["plain", "dinov2_reg4_patch14", "qk_norm"])
-def test_every_attention_backend_matches_reference(backend, variant):
+def test_every_backend_matches_reference(backend, variant):
     kwargs = {
         "plain": dict(image_size=(48, 32)),
         "dinov2_reg4_patch14": dict(backbone="vit_small_patch14_reg4_dinov2", image_size=(42, 28), side_input_size=28,
                                     backbone_kwargs=dict(depth=2, embed_dim=64, num_heads=2)),
         "qk_norm": dict(image_size=(32, 64), backbone_kwargs=dict(depth=2, embed_dim=64, num_heads=2, qk_norm=True)),
     }[variant]
-    cfg = tiny_config("fpt", attention_backend=backend, **kwargs)
+    cfg = tiny_config("fpt", backend=backend, **kwargs)
     x = torch.randn(2, 3, *cfg.image_size)
-    if backend == "math":
-        with pytest.warns(UserWarning, match="N x N"):
-            FrozenBranch(cfg)
-    _, fast, (ref_k, ref_v) = extract_both(cfg, x)
+    reference_backend = backend == "reference"
+    with pytest.warns(UserWarning, match="N x N") if reference_backend else contextlib.nullcontext():
+        frozen, fast, (ref_k, ref_v) = extract_both(cfg, x)
+    # "reference": the blocks that are not extracted materialise their N x N attention too.
+    assert all(block.attn.fused_attn != reference_backend for block in frozen.backbone.blocks)
     assert_same_rows(fast.keys, ref_k, atol=1e-4)
     assert_same_rows(fast.values, ref_v, atol=1e-4)
 
@@ -188,3 +191,22 @@ def test_bfloat16_frozen_branch_keeps_most_tokens():
     # the rows that are kept by both agree to bf16 precision.
     dist = torch.cdist(low.keys.float().flatten(0, 2), ref.keys.flatten(0, 2)).amin(-1)
     assert (dist < 0.05).float().mean() > 0.7
+
+
+def test_a_named_backend_runs_every_op_of_the_extracted_blocks(monkeypatch):
+    """config.backend reaches both ops of an extracted block, and is never replaced."""
+    from fpt_fast import ops
+
+    seen = []
+    for name in ("attention_with_importance", "select_tokens"):
+        original = getattr(ops, name)
+
+        def spy(*args, _original=original, _name=name, **kwargs):
+            seen.append((_name, kwargs.get("backend")))
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(ops, name, spy)
+    frozen = FrozenBranch(tiny_config("fpt", backend="torch", extracted_layers=[1]))
+    assert all(block.attn.fused_attn for block in frozen.backbone.blocks)
+    frozen(torch.randn(1, 3, 64, 48))
+    assert seen == [("attention_with_importance", "torch"), ("select_tokens", "torch")]

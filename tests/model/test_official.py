@@ -94,7 +94,7 @@ def test_logits_match_an_independent_official_style_forward(preset):
     with torch.no_grad():
         ours = loaded.forward_from_features(x_lo, features)
         theirs = hf_reference_logits(official, features.keys, features.values, x_lo,
-                                     model.config.info.num_heads, model.config.info.patch_size)
+                                     model.config.backbone_info.num_heads, model.config.backbone_info.patch_size)
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
 
 

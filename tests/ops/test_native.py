@@ -1,13 +1,14 @@
 """The native extension (csrc/, fpt_fast/ops/native_backend.py): every op against its fpt_fast.reference twin.
 
-CPU tests build the extension just in time on first use (about 25 s on two cores with a fresh
+CPU tests build the extension just in time on first use (about 20 s on two cores with a fresh
 cache) and skip with the loader's reason where it cannot be built. Selected sets are compared as
 sets: the reference keeps descending-score order, the native kernels ascending token index; k
 carries each token's index in its first column (exact in float32) so that sets compare exactly.
-Also here: bitwise determinism across thread counts, every CPU instruction-set path (in
-subprocesses), the C++ argument checks, the no-compiler fallback (a subprocess with a missing
-compiler and a fresh cache), a compile-only nvcc test of the CUDA source, and on a GPU the CUDA
-select against the CPU one.
+Also here: bitwise determinism across thread counts, that the build runs at::parallel_for on more
+than one thread (OpenMP), every CPU instruction-set path (in
+subprocesses), the C++ argument checks, the build cache's key, the no-compiler fallback (a
+subprocess with a missing compiler and a fresh cache), a compile-only nvcc test of the CUDA source,
+and on a GPU the CUDA select against the CPU one.
 """
 import os
 import shutil
@@ -22,6 +23,7 @@ import torch
 
 from fpt_fast import ops, reference
 from fpt_fast.ops import native_backend as native
+from fpt_fast.ops import native_build
 
 ROOT = Path(__file__).resolve().parents[2]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -37,7 +39,7 @@ def lib():
     reason = native.unavailable_reason()
     if reason is not None:
         pytest.skip(f"native extension unavailable: {reason}")
-    print(f"native extension ready in {time.perf_counter() - start:.1f} s ({native.info()})")
+    print(f"native extension ready in {time.perf_counter() - start:.1f} s ({native.extension_status()})")
     return torch.ops.fpt_fast_native
 
 
@@ -61,20 +63,21 @@ def test_token_importance_fp32(lib, N, d):
 @pytest.mark.parametrize("N,d", [(33, 80), (257, 64), (100, 128)])
 def test_token_importance_dtypes_and_lse(lib, dtype, N, d):
     q, k, _ = _qkv(1, 2, N, d, dtype, seed=7)
-    want = reference.token_importance(q, k, "global")
-    torch.testing.assert_close(native.token_importance(q, k), want, atol=1e-6, rtol=1e-5)
     lse = torch.logsumexp(torch.einsum("bhid,bhjd->bhij", q.float(), k.float()) * d ** -0.5, dim=-1)
-    torch.testing.assert_close(native.token_importance(q, k, lse),
-                               reference.token_importance(q, k, "global", lse), atol=1e-6, rtol=1e-5)
+    for importance in ("global", "class_token"):
+        want = reference.token_importance(q, k, importance)
+        torch.testing.assert_close(native.token_importance(q, k, importance), want, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(native.token_importance(q, k, importance, lse),
+                                   reference.token_importance(q, k, importance, lse), atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("mode", ["global", "class_token"])
+@pytest.mark.parametrize("importance", ["global", "class_token"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("N,d", [(1, 16), (7, 32), (33, 80), (257, 96), (130, 128)])
-def test_attention_with_importance(lib, mode, dtype, N, d):
+def test_attention_with_importance(lib, importance, dtype, N, d):
     q, k, v = _qkv(2, 2, N, d, dtype, seed=N + d)
-    out, scores = native.attention_with_importance(q, k, v, mode)
-    out_ref, scores_ref = reference.attention_with_importance(q, k, v, mode)
+    out, scores = native.attention_with_importance(q, k, v, importance)
+    out_ref, scores_ref = reference.attention_with_importance(q, k, v, importance)
     assert out.dtype == dtype and out.shape == q.shape
     atol, rtol = OUT_TOL[dtype]
     torch.testing.assert_close(out, out_ref, atol=atol, rtol=rtol)
@@ -246,7 +249,7 @@ def test_instruction_set_paths(lib, isa, tmp_path):
         from fpt_fast import reference
         from fpt_fast.ops import native_backend as native
         assert native.unavailable_reason() is None, native.unavailable_reason()
-        print(native.info()["cpu_isa"])
+        print(native.extension_status()["cpu_isa"])
         torch.manual_seed(0)
         q, k, v = (torch.randn(2, 3, 77, 80) for _ in range(3))
         out, s = native.attention_with_importance(q, k, v)
@@ -262,7 +265,7 @@ def test_instruction_set_paths(lib, isa, tmp_path):
     env = dict(os.environ, FPT_FAST_NATIVE_ISA=isa)
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
-    if native.info()["cpu_isa"] != "baseline":  # a CPU without AVX2 runs baseline whatever is asked
+    if native.extension_status()["cpu_isa"] != "baseline":  # a CPU without AVX2 runs baseline whatever is asked
         assert result.stdout.split()[0] == isa
 
 
@@ -271,14 +274,14 @@ def test_cpp_checks_raise(lib):
     """Direct torch.ops calls: the C++ TORCH_CHECKs raise RuntimeError before any memory is touched."""
     q = torch.randn(2, 3, 9, 16)
     cases = [
-        (lambda: lib.token_importance(q[0], q[0], None), "4-D"),
-        (lambda: lib.token_importance(q, q[:, :2], None), "shape of q"),
-        (lambda: lib.token_importance(q, q.half(), None), "same dtype"),
-        (lambda: lib.token_importance(q.double(), q.double(), None), "float32, float16 or bfloat16"),
-        (lambda: lib.token_importance(q.int(), q.int(), None), "float32, float16 or bfloat16"),
-        (lambda: lib.token_importance(q, q, torch.zeros(2, 3, 8)), "lse"),
-        (lambda: lib.token_importance(q, q, torch.zeros(2, 3, 9).half()), "lse must be float32"),
-        (lambda: lib.token_importance(q[:, :, :0], q[:, :, :0], None), "empty"),
+        (lambda: lib.token_importance(q[0], q[0], None, False), "4-D"),
+        (lambda: lib.token_importance(q, q[:, :2], None, False), "shape of q"),
+        (lambda: lib.token_importance(q, q.half(), None, False), "same dtype"),
+        (lambda: lib.token_importance(q.double(), q.double(), None, False), "float32, float16 or bfloat16"),
+        (lambda: lib.token_importance(q.int(), q.int(), None, False), "float32, float16 or bfloat16"),
+        (lambda: lib.token_importance(q, q, torch.zeros(2, 3, 8), False), "lse"),
+        (lambda: lib.token_importance(q, q, torch.zeros(2, 3, 9).half(), False), "lse must be float32"),
+        (lambda: lib.token_importance(q[:, :, :0], q[:, :, :0], None, False), "empty"),
         (lambda: lib.attention_with_importance(q, q, q[..., :8], False), "v"),
         (lambda: lib.select_tokens(torch.rand(2, 3, 9), q, q, 0, None), "out of range"),
         (lambda: lib.select_tokens(torch.rand(2, 3, 9), q, q, 10, None), "out of range"),
@@ -316,11 +319,11 @@ def test_front_door_validation_and_dispatch(lib):
     with pytest.raises(ValueError, match="shape of q"):
         ops.attention_with_importance(q, k[:, :1], v, backend="native")
     # Every op through the front door, against the torch backend.
-    for mode in ("global", "class_token"):
-        torch.testing.assert_close(ops.token_importance(q, k, mode, backend="native"),
-                                   ops.token_importance(q, k, mode, backend="torch"), atol=1e-6, rtol=1e-5)
-        for a, b in zip(ops.attention_with_importance(q, k, v, mode, backend="native"),
-                        ops.attention_with_importance(q, k, v, mode, backend="torch")):
+    for importance in ("global", "class_token"):
+        torch.testing.assert_close(ops.token_importance(q, k, importance, backend="native"),
+                                   ops.token_importance(q, k, importance, backend="torch"), atol=1e-6, rtol=1e-5)
+        for a, b in zip(ops.attention_with_importance(q, k, v, importance, backend="native"),
+                        ops.attention_with_importance(q, k, v, importance, backend="torch")):
             torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
     scores = torch.randint(0, 4, (2, 3, 40)).float()
     for a, b in zip(ops.select_tokens(scores, k, v, 9, torch.bfloat16, backend="native"),
@@ -330,8 +333,10 @@ def test_front_door_validation_and_dispatch(lib):
     pk, pv = torch.randn(2, 5, 3, 11, 32), torch.randn(2, 5, 3, 11, 32)
     torch.testing.assert_close(ops.prompt_attention(pq, pk, pv, backend="native"),
                                ops.prompt_attention(pq, pk, pv, backend="torch"), atol=2e-5, rtol=1e-5)
-    assert native.unsupported_reason("token_importance", torch.device("cpu"), torch.float64, 64)
-    assert native.unsupported_reason("token_importance", torch.device("meta"), torch.float32, 64)
+    assert ops.unsupported_reasons("native", "token_importance", "cpu", torch.float64)
+    assert ops.unsupported_reasons("native", "token_importance", "meta")
+    assert ops.unsupported_reasons("native", "prompt_attention", "cuda") == (
+        "prompt_attention has no cuda kernel (there: select_tokens)",)
 
 
 def test_torch_compile_fake(lib):
@@ -344,6 +349,43 @@ def test_torch_compile_fake(lib):
         assert ks.shape == (2, 3, 4, 16) and ks.dtype == torch.float16
         out, lse = lib.prompt_attention(torch.empty(2, 3, 5, 16), torch.empty(2, 4, 3, 7, 16), torch.empty(2, 4, 3, 7, 16))
         assert out.shape == (2, 4, 5, 48) and lse.shape == (2, 4, 3, 5)
+
+
+def test_parallel_for_runs_on_several_threads(lib):
+    """The build runs at::parallel_for on every thread torch has (-fopenmp at compile and link time);
+    without OpenMP the loop runs on one. The chunks of parallel_for are fixed by the thread count,
+    so a busy machine does not change the answer."""
+    threads = torch.get_num_threads()
+    if (os.cpu_count() or 1) < 2 or threads < 2:
+        pytest.skip(f"one core or one torch thread here ({os.cpu_count()} cores, {threads} threads)")
+    assert lib.parallel_for_threads(threads) == threads
+    assert lib.parallel_for_threads(1) == 1
+    # One OpenMP runtime with torch's: torch.set_num_threads bounds the extension's loops too.
+    try:
+        torch.set_num_threads(1)
+        assert lib.parallel_for_threads(threads) == 1
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_build_cache_key(tmp_path):
+    """The JIT cache folder is named by the sources' contents, the include paths and the versions."""
+    src = native.source_dir()
+    assert src is not None
+    copy = tmp_path / "csrc"
+    shutil.copytree(src, copy)
+    key = native_build.cache_key(copy, False, ["/a/include"], ["torch-x", "py-y"])
+    assert len(key) == 16 and int(key, 16) >= 0
+    assert key == native_build.cache_key(copy, False, ["/a/include"], ["torch-x", "py-y"])
+    assert key != native_build.cache_key(copy, False, ["/other-env/include"], ["torch-x", "py-y"])
+    assert key != native_build.cache_key(copy, False, ["/a/include"], ["torch-z", "py-y"])
+    assert key != native_build.cache_key(copy, True, ["/a/include"], ["torch-x", "py-y"])
+    header = copy / native_build.HEADERS[0]
+    header.write_text(header.read_text() + "\n// edited\n")
+    assert key != native_build.cache_key(copy, False, ["/a/include"], ["torch-x", "py-y"])
+    # Another checkout of the same sources (another include path) builds in its own folder.
+    assert native.build_dir(copy, False).parent == native.build_dir(src, False).parent
+    assert native.build_dir(copy, False) != native.build_dir(src, False)
 
 
 # --------------------------------------------------------------------------- build and fallback
@@ -380,7 +422,7 @@ def test_no_compiler_fallback(tmp_path):
 def test_disabled_by_env():
     script = ("from fpt_fast import ops; from fpt_fast.ops import native_backend as native; import torch; "
               "assert native.unavailable_reason() == 'disabled by FPT_FAST_NATIVE=0'; "
-              "print(ops.backends('cpu')['native'])")
+              "print(ops.backend_table('cpu')['native']['select_tokens'])")
     env = dict(os.environ, FPT_FAST_NATIVE="0")
     result = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-c", script], env=env,
                             capture_output=True, text=True, timeout=120)
@@ -401,7 +443,7 @@ def _nvcc_command(out: Path):
     std = "-std=c++20" if tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 10) else "-std=c++17"
     # One architecture keeps this under a minute; the JIT build picks the GPU's own.
     return [nvcc, "-c", str(ROOT / "csrc" / "cuda_select.cu"), "-o", str(out), std, "-O3", "-arch=sm_80",
-            "-Xcompiler", "-fPIC", *native.NVCC_FLAGS, "-D__CUDA_NO_HALF_OPERATORS__",
+            "-Xcompiler", "-fPIC", *native_build.NVCC_FLAGS, "-D__CUDA_NO_HALF_OPERATORS__",
             "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
             "--expt-relaxed-constexpr", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
             *[arg for path in includes for arg in ("-isystem", path)]]
@@ -424,8 +466,9 @@ def test_cuda_source_compiles(tmp_path):
 @pytest.mark.parametrize("in_dtype", DTYPES)
 @pytest.mark.parametrize("out_dtype", [None, torch.float32, torch.bfloat16])
 def test_cuda_select_matches_cpu(lib, in_dtype, out_dtype):
-    if native.unsupported_reason("select_tokens", torch.device("cuda"), in_dtype, 64) is not None:
-        pytest.skip(native.unsupported_reason("select_tokens", torch.device("cuda"), in_dtype, 64))
+    reasons = ops.unsupported_reasons("native", "select_tokens", "cuda", in_dtype)
+    if reasons:
+        pytest.skip("; ".join(reasons))
     torch.manual_seed(0)
     for N, d, n in [(1, 16, 1), (7, 80, 3), (257, 64, 51), (1025, 64, 205), (4097, 96, 819), (300, 17, 300)]:
         k, v = _index_rows(3, 5, N, d, in_dtype)
@@ -439,7 +482,7 @@ def test_cuda_select_matches_cpu(lib, in_dtype, out_dtype):
 
 @pytest.mark.cuda
 def test_cuda_select_unaligned_and_strided(lib):
-    if native.unsupported_reason("select_tokens", torch.device("cuda"), torch.float32, 64) is not None:
+    if ops.unsupported_reasons("native", "select_tokens", "cuda"):
         pytest.skip("no native CUDA kernel")
     torch.manual_seed(1)
     B, N, H, d = 2, 333, 3, 40

@@ -16,7 +16,7 @@ from fpt_fast import ops, reference
 from fpt_fast.kernels import token_importance as kernel
 
 BACKENDS = ["triton", "torch"]
-MODES = ["global", "class_token"]
+IMPORTANCE = ["global", "class_token"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (B, H, N, d): N = 1, odd N, N a multiple of every interpreter block (64), head sizes that are
 # not powers of two (80, 96) and the largest one (128). B * H <= 6 keeps the interpreter fast.
@@ -67,27 +67,27 @@ def _check_scores(scores, ref, dtype):
 
 # ------------------------------------------------------------------------ matches reference
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("importance", IMPORTANCE)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_attention_with_importance(backend, mode, shape, dtype, device):
-    q, k, v = _inputs(shape, dtype, device, _seed("awi", shape, dtype, mode))
-    out, scores = ops.attention_with_importance(q, k, v, mode, backend=backend)
-    ref_out, ref_scores = reference.attention_with_importance(q, k, v, mode)
+def test_attention_with_importance(backend, importance, shape, dtype, device):
+    q, k, v = _inputs(shape, dtype, device, _seed("awi", shape, dtype, importance))
+    out, scores = ops.attention_with_importance(q, k, v, importance, backend=backend)
+    ref_out, ref_scores = reference.attention_with_importance(q, k, v, importance)
     _check_out(out, ref_out, q, k, v)
     _check_scores(scores, ref_scores, dtype)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("with_lse", [False, True], ids=["no_lse", "lse"])
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("importance", IMPORTANCE)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_token_importance(backend, with_lse, mode, shape, dtype, device):
-    q, k = _inputs(shape, dtype, device, _seed("ti", shape, dtype, mode, with_lse), count=2)
+def test_token_importance(backend, with_lse, importance, shape, dtype, device):
+    q, k = _inputs(shape, dtype, device, _seed("ti", shape, dtype, importance, with_lse), count=2)
     lse = _fp32_lse(q, k) if with_lse else None
-    scores = ops.token_importance(q, k, mode, lse, backend=backend)
-    _check_scores(scores, reference.token_importance(q, k, mode, lse), dtype)
+    scores = ops.token_importance(q, k, importance, lse, backend=backend)
+    _check_scores(scores, reference.token_importance(q, k, importance, lse), dtype)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
@@ -113,6 +113,62 @@ def test_lse_is_used(device):
     assert not lse_t.is_contiguous()
     torch.testing.assert_close(ops.token_importance(q, k, lse=lse_t, backend="triton"), full,
                                atol=0, rtol=0)
+
+
+# --------------------------------------------------------------------- class-token kernel
+CLASS_TOKEN_SHAPES = [(B, H, N, d) for N in (1, 7, 33, 65) for d in (16, 80) for B, H in [(2, 3)]]
+
+
+@pytest.mark.parametrize("shape", CLASS_TOKEN_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_class_token_kernel(shape, dtype, device):
+    """Fresh inputs per case: the kernel computing LSE_0 itself, and taking the forward's LSE."""
+    q, k = _inputs(shape, dtype, device, _seed("class_token", shape, dtype), count=2)
+    q = q * 2.0  # peaked rows
+    want = reference.token_importance(q, k, "class_token")
+    _check_scores(kernel.class_token_importance_forward(q, k, None), want, dtype)
+    _, lse = kernel.attention_forward(q, k, None)
+    _check_scores(kernel.class_token_importance_forward(q, k, lse), want, dtype)
+
+
+@pytest.mark.parametrize("N", [16, 48, 50])
+@pytest.mark.parametrize("block_n", [16, 32, 64])
+def test_class_token_kernel_block_sizes(N, block_n, device):
+    """One key block and many, N a multiple of the block or not, with and without a given LSE."""
+    q, k = _inputs((1, 2, N, 40), torch.float32, device, _seed("class_token_blocks", N, block_n), count=2)
+    want = reference.token_importance(q, k, "class_token")
+    lse = _fp32_lse(q, k)
+    for given in (None, lse):
+        _check_scores(kernel.class_token_importance_forward(q, k, given, block_n=block_n), want, q.dtype)
+
+
+def test_class_token_reads_lse_of_row_zero_only(device):
+    """Given an LSE, only LSE_0 is used: shifting it by log 2 halves every score; other rows are ignored."""
+    q, k = _inputs((2, 2, 29, 32), torch.float32, device, 4, count=2)
+    lse = _fp32_lse(q, k)
+    full = ops.token_importance(q, k, "class_token", lse, backend="triton")
+    shifted = lse.clone()
+    shifted[:, :, 0] += math.log(2.0)
+    shifted[:, :, 1:] = float("nan")
+    half = ops.token_importance(q, k, "class_token", shifted, backend="triton")
+    torch.testing.assert_close(half, full / 2, atol=1e-7, rtol=1e-5)
+
+
+def test_named_triton_runs_the_class_token_kernel(device, monkeypatch):
+    """backend="triton" with "class_token" runs the Triton kernel, never a PyTorch stand-in."""
+    calls = []
+    original = kernel.class_token_importance_forward
+
+    def counted(*args, **kwargs):
+        calls.append(args[2] is not None)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(kernel, "class_token_importance_forward", counted)
+    monkeypatch.setattr(torch, "einsum", lambda *a, **k: pytest.fail("torch.einsum ran for the triton backend"))
+    q, k, v = _inputs((1, 2, 21, 16), torch.float32, device, 6)
+    ops.attention_with_importance(q, k, v, "class_token", backend="triton")
+    ops.token_importance(q, k, "class_token", backend="triton")
+    assert calls == [True, False]  # the forward's LSE, then the kernel's own LSE_0
 
 
 # ---------------------------------------------------------------------------- block coverage
@@ -178,12 +234,12 @@ def test_deterministic(dtype, device):
     assert torch.equal(t1, t2) and torch.equal(t1, s1)
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("importance", IMPORTANCE)
 @pytest.mark.parametrize("N", [1, 7, 66])
-def test_scores_sum_to_one(mode, N, device):
+def test_scores_sum_to_one(importance, N, device):
     """Each softmax row sums to 1, so the mean of the rows does too: sum_j s_j = 1 per (b, h)."""
     q, k, v = _inputs((2, 3, N, 16), torch.float16, device, N)
-    _, scores = ops.attention_with_importance(q, k, v, mode, backend="triton")
+    _, scores = ops.attention_with_importance(q, k, v, importance, backend="triton")
     torch.testing.assert_close(scores.sum(-1), torch.ones(2, 3, device=device), atol=1e-5, rtol=0)
     assert (scores >= 0).all()
 
@@ -225,8 +281,8 @@ def _bad_cases(device):
         ("not_a_tensor", TypeError, lambda: ti(x.tolist(), x, backend="triton")),
         ("empty_batch", ValueError, lambda: awi(x[:0], x[:0], x[:0], backend="triton")),
         ("empty_tokens", ValueError, lambda: ti(x[:, :, :0], x[:, :, :0], backend="triton")),
-        ("bad_mode", ValueError, lambda: ti(x, x, "mean", backend="triton")),
-        ("bad_mode_awi", ValueError, lambda: awi(x, x, x, "cls", backend="triton")),
+        ("bad_importance", ValueError, lambda: ti(x, x, "mean", backend="triton")),
+        ("bad_importance_awi", ValueError, lambda: awi(x, x, x, "cls", backend="triton")),
         ("lse_shape", ValueError, lambda: ti(x, x, lse=lse[:, :, :4], backend="triton")),
         ("lse_rank", ValueError, lambda: ti(x, x, lse=lse[..., None], backend="triton")),
         ("lse_dtype", ValueError, lambda: ti(x, x, lse=lse.half(), backend="triton")),
@@ -245,6 +301,7 @@ def test_bad_inputs_raise_before_launch(case, device, monkeypatch):
 
     monkeypatch.setattr(kernel, "attention_forward", launched)
     monkeypatch.setattr(kernel, "token_importance_forward", launched)
+    monkeypatch.setattr(kernel, "class_token_importance_forward", launched)
     cases = _bad_cases(device)
     assert len(cases) == 19
     name, error, call = cases[case]
