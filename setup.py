@@ -73,7 +73,6 @@ setup(
         "test": ["pytest>=7", "scikit-learn", "matplotlib"],
         "tensorboard": ["tensorboard"],
         "bench": ["matplotlib"],  # benchmarks.report plots; `pip install peft` adds the LoRA rows
-        "xformers": ["xformers"],
     },
     entry_points={"console_scripts": ["fpt-fast=fpt_fast.__main__:main"]},
     **native_extension(),
