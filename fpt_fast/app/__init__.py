@@ -3,7 +3,8 @@
     settings      run settings: YAML file + --set overrides, checked key by key
     data          images, transforms, datasets, the DataLoader factory, the bad-image policy
     store         the feature store's file format, reader, writer and checks
-    files         atomic file writes and the CSV writer
+    files         atomic file writes, the CSV writer, and the checks that keep files safe (full disk,
+                  outputs that exist, folders that are files, stale temporaries, torch files)
     console       the log callable and progress bars
     build         what every job builds from its settings (model, placement, normalisation, store check)
     checkpoints   the checkpoint format, save/load, and the checks of a checkpoint against a run

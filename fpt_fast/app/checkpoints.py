@@ -13,17 +13,18 @@ A checkpoint is a dict of tensors and plain containers (read with torch.load(wei
                       rng_ranks (every process's), for an exact resume
 
 Files are written atomically (fpt_fast.app.files): a checkpoint is either the old one or the new one.
+Training never writes a checkpoint with non-finite weights, and load_checkpoint refuses one.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Union
+from typing import Mapping, Optional, Union
 
 import torch
 
 from ..model import FPT
 from .build import build_model
-from .files import atomic_open
+from .files import atomic_open, read_torch_file
 from .settings import Settings, upgrade_saved_settings
 from .store import weights_sha256
 
@@ -47,22 +48,32 @@ def save_checkpoint(path: Union[str, Path], checkpoint: dict) -> None:
         torch.save(checkpoint, f)
 
 
+def first_non_finite(state: Mapping[str, torch.Tensor]) -> Optional[str]:
+    """"name (n NaN, m inf of k values)" of the first floating tensor of state (in its order)
+    holding a NaN or an infinity; None when all are finite."""
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            nan = int(torch.isnan(tensor).sum())
+            return f"{name} ({nan} NaN, {int(torch.isinf(tensor).sum())} inf of {tensor.numel()} values)"
+    return None
+
+
 def load_checkpoint(path: Union[str, Path]) -> dict:
     """A checkpoint written by fpt_fast. FileNotFoundError, or ValueError naming the file when it
-    cannot be read, is not an fpt_fast checkpoint or has another format."""
+    cannot be read, is not an fpt_fast checkpoint, has another format or non-finite weights."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # unpickling errors have many types; the message says which
-        raise ValueError(f"checkpoint {str(path)!r} cannot be read: {e}") from None
+    checkpoint = read_torch_file(path, "checkpoint")
     if not isinstance(checkpoint, dict) or checkpoint.get("kind") != KIND:
         raise ValueError(f"{str(path)!r} is not an fpt_fast checkpoint (for weights of the official FPT "
                          f"code use fpt_fast.load_official_checkpoint)")
     if checkpoint.get("format") != FORMAT:
         raise ValueError(f"checkpoint {str(path)!r} has format {checkpoint.get('format')!r}; this version reads "
                          f"format {FORMAT}")
+    bad = first_non_finite(checkpoint["model"])
+    if bad is not None:
+        raise ValueError(f"checkpoint {str(path)!r} holds non-finite weights (first: {bad}): the run that wrote "
+                         f"it diverged; use a checkpoint of an earlier epoch, or train again with a lower "
+                         f"train.lr or with train.clip_grad_norm set")
     checkpoint["settings"] = upgrade_saved_settings(checkpoint["settings"])
     return checkpoint
 

@@ -1,13 +1,15 @@
 """The fpt-fast command line: preload, train, evaluate, predict, demo.
 
     fpt-fast preload  -c run.yaml [--set data.store=/fast/disk/store] [--verify]
-    fpt-fast train    -c run.yaml [--set train.lr=1e-4 ...] [--resume]
+    fpt-fast train    -c run.yaml [--set train.lr=1e-4 ...] [--resume | --overwrite]
     fpt-fast evaluate -c run.yaml [--checkpoint runs/x/best.pt] [--split test]
-    fpt-fast predict  --checkpoint runs/x/best.pt --images folder/ [--output predictions.csv]
+    fpt-fast predict  --checkpoint runs/x/best.pt --images folder/ [--output predictions.csv] [--overwrite]
     fpt-fast demo     [--out fpt_demo]
 
 Settings: see fpt_fast.app.settings (``--print-config`` shows the resolved ones). Bad input ends the
-command with exit status 2 and a one-line message naming the file or setting.
+command with exit status 2 and a one-line message naming the file or setting; so do a full disk, a
+diverged training run, and a file the command would replace without --overwrite (a run in
+train.out_dir, an existing --output).
 
 Several GPUs or nodes: start ``preload`` and ``train`` with torchrun (``torchrun --nproc_per_node=K
 -m fpt_fast train ...``); each process finds its place in torchrun's environment variables
@@ -50,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("train", help="train the fusion module and side network")
     _common(p)
     p.add_argument("--resume", action="store_true", help="continue the run in train.out_dir from last.pt")
+    p.add_argument("--overwrite", action="store_true", help="replace the run in train.out_dir (its checkpoints, "
+                   "log and evaluations) instead of refusing to")
 
     p = commands.add_parser("evaluate", help="metrics and confusion matrix of a checkpoint on a split")
     _common(p)
@@ -60,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--checkpoint", required=True, help="checkpoint file (best.pt of a training run)")
     p.add_argument("--images", required=True, help="folder of images (searched recursively)")
-    p.add_argument("--output", default="predictions.csv", help="CSV file to write (default predictions.csv)")
+    p.add_argument("--output", default="predictions.csv", help="CSV file to write (default predictions.csv; "
+                   "never inside the images folder)")
+    p.add_argument("--overwrite", action="store_true", help="replace --output when it exists")
 
     p = commands.add_parser("demo", help="synthetic fine-detail task: preload, train, evaluate FPT against "
                             "the side network alone, on the CPU in about a minute")
@@ -147,10 +153,11 @@ def run_train(args) -> int:
     if args.print_config:
         return _print_config(settings)
     with distributed.process_group(settings.train.device):
-        result = train(settings, resume=args.resume)
+        result = train(settings, resume=args.resume, overwrite=args.overwrite)
     if _rank() == 0:
-        print(f"best epoch {result.best_epoch} (val {settings.train.selection_metric} {result.best_metric:.4f}); "
-              f"checkpoints and log in {result.out_dir}")
+        best = (f"best epoch {result.best_epoch} (val {settings.train.selection_metric} {result.best_metric:.4f})"
+                if result.best_epoch else "no best epoch")
+        print(f"{best}; checkpoints and log in {result.out_dir}")
     return 0
 
 
@@ -175,7 +182,7 @@ def run_predict(args) -> int:
     settings = _checkpoint_settings(args, args.checkpoint)
     if args.print_config:
         return _print_config(settings)
-    predict(settings, args.checkpoint, args.images, args.output)
+    predict(settings, args.checkpoint, args.images, args.output, overwrite=args.overwrite)
     return 0
 
 

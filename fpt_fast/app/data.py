@@ -1,6 +1,8 @@
 """Images for FPT: the ImageFolder layout, image decoding, the two input transforms, datasets.
 
 Layout: root/{train,val,test}/<class>/<image>; classes are the sorted sub-folder names of train/.
+Hidden files and folders (names starting with ".", such as .ipynb_checkpoints) are ignored in
+every split and in the folders given to predict; a class folder without images is an error.
 Every image is decoded to float32 RGB in [0, 1] (3, H, W): grayscale is repeated to three
 channels, alpha is dropped (like PIL's convert("RGB")), 16-bit images are divided by 65535.
 
@@ -98,12 +100,23 @@ def _rgb_array(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
 
 
+def is_hidden(name: str) -> bool:
+    """A hidden file or folder (".ipynb_checkpoints", macOS's "._x.png"): never data."""
+    return name.startswith(".")
+
+
 def list_images(folder: Union[str, Path]) -> List[Path]:
-    """Image files under folder (recursively), sorted."""
+    """Image files under folder (recursively, hidden files and folders left out), sorted."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder {str(folder)!r} does not exist")
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+                  and not any(is_hidden(part) for part in p.relative_to(folder).parts))
+
+
+def class_folders(split_folder: Path) -> List[str]:
+    """Sorted names of the class folders of a split folder (hidden ones left out)."""
+    return sorted(p.name for p in split_folder.iterdir() if p.is_dir() and not is_hidden(p.name))
 
 
 # ------------------------------------------------------------------------------- the layout
@@ -121,7 +134,7 @@ def find_classes(root: Union[str, Path]) -> List[str]:
     if not train.is_dir():
         raise FileNotFoundError(f"data.root {str(root)!r} has no train/ folder (expected "
                                 f"root/{{train,val,test}}/<class>/<image>)")
-    classes = sorted(p.name for p in train.iterdir() if p.is_dir())
+    classes = class_folders(train)
     if not classes:
         raise ValueError(f"{str(train)!r} has no class folders")
     return classes
@@ -140,7 +153,7 @@ class ImageFolderSplit:
         folder = self.root / split
         if not folder.is_dir():
             raise FileNotFoundError(f"split folder {str(folder)!r} does not exist")
-        unknown = sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name not in self.classes)
+        unknown = [name for name in class_folders(folder) if name not in self.classes]
         if unknown:
             raise ValueError(f"{str(folder)!r} has class folders {unknown} that train/ lacks "
                              f"(classes: {self.classes})")
@@ -148,7 +161,11 @@ class ImageFolderSplit:
         for label, name in enumerate(self.classes):
             class_folder = folder / name
             if class_folder.is_dir():
-                samples += [Sample(p.relative_to(self.root).as_posix(), label) for p in list_images(class_folder)]
+                images = list_images(class_folder)
+                if not images:
+                    raise ValueError(f"class folder {str(class_folder)!r} holds no images "
+                                     f"({', '.join(IMAGE_EXTENSIONS)}): add its images or remove the folder")
+                samples += [Sample(p.relative_to(self.root).as_posix(), label) for p in images]
         if not samples:
             raise ValueError(f"split folder {str(folder)!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
         self.samples: List[Sample] = samples

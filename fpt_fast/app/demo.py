@@ -139,12 +139,12 @@ def run_demo(out: Path = Path("fpt_demo"), epochs: Optional[int] = None, seed: i
     log("== preload")
     stored = preload(settings, log=log)
     log("== train FPT (fusion module + side network, features from the store)")
-    fpt_run = train(settings, log=log)
+    fpt_run = train(settings, log=log, overwrite=True)  # the demo's own folder: a rerun replaces its runs
     fpt_eval = evaluate(fpt_run.settings, fpt_run.out_dir / "best.pt", "test", log=log)
     # The same resolved settings (mean/std, classes) with the prompts and frozen branch switched off.
     side_settings = fpt_run.settings.replace("train", side_only=True, out_dir=str(out / "runs" / "side_only"))
     log("== train the side network alone (same ViT, same data and schedule, no prompts)")
-    side_run = train(side_settings, log=log)
+    side_run = train(side_settings, log=log, overwrite=True)
     side_eval = evaluate(side_run.settings, side_run.out_dir / "best.pt", "test", log=log)
     report = DemoReport(fpt_eval.metrics, side_eval.metrics, [r["train_loss"] for r in fpt_run.history],
                         [r["train_loss"] for r in side_run.history], fpt_run.learnable_share,

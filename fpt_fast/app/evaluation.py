@@ -20,7 +20,8 @@ from .console import Log, Progress
 from .data import (BadImages, FPTDataset, ImageFolderSplit, ImageList, describe_left_out, list_images, make_loader,
                    side_transform)
 from .distributed import local_device
-from .files import atomic_write_csv, atomic_write_json
+from .files import (DiskFullError, atomic_write_csv, atomic_write_json, check_new_file, make_folder,
+                    remove_stale_temporaries)
 from .metrics import METRIC_ORDER, classification_metrics, pme, ppe
 from .settings import Settings
 from .store import FeatureStore, features_from_records
@@ -159,9 +160,14 @@ def format_evaluation(result: EvalResult) -> str:
 
 # ------------------------------------------------------------------------------- predict
 def predict(settings: Settings, checkpoint_path: Union[str, Path], images: Union[str, Path],
-            output: Union[str, Path], log: Log = print) -> List[dict]:
+            output: Union[str, Path], log: Log = print, overwrite: bool = False) -> List[dict]:
     """Per-image predictions of a checkpoint for every image under a folder, written as CSV
-    (path, prediction, confidence, one probability column per class)."""
+    (path, prediction, confidence, one probability column per class).
+
+    output is checked before anything runs: an existing file is replaced only with overwrite,
+    and a path inside the images folder is refused (predictions are never written among the
+    input images, whatever the file's name)."""
+    output = check_output(output, images, overwrite)
     checkpoint = load_checkpoint(checkpoint_path)
     data, opts = settings.data, settings.train
     device = local_device(opts.device)
@@ -186,9 +192,22 @@ def predict(settings: Settings, checkpoint_path: Union[str, Path], images: Union
         row = {"path": image_list.samples[position].path, "prediction": classes[best], "confidence": float(probs[best])}
         row.update({f"p_{name}": float(p) for name, p in zip(classes, probs)})
         rows.append(row)
-    Path(output).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_csv(output, rows, ["path", "prediction", "confidence"] + [f"p_{c}" for c in classes], ".6f")
+    make_folder(output.parent, "the folder of --output")
+    remove_stale_temporaries(output.parent, name=output.name)
+    try:
+        atomic_write_csv(output, rows, ["path", "prediction", "confidence"] + [f"p_{c}" for c in classes], ".6f")
+    except DiskFullError as e:
+        raise e.then("rerun predict") from None
     log(f"wrote predictions for {len(rows)} images to {output}")
     if bad_images.messages:
         log(bad_images.report())
     return rows
+
+
+def check_output(output: Union[str, Path], images: Union[str, Path], overwrite: bool) -> Path:
+    """The predictions file: outside the images folder, and checked by fpt_fast.app.files.check_new_file."""
+    folder, target = Path(images).resolve(), Path(output).resolve()
+    if target == folder or folder in target.parents:
+        raise ValueError(f"--output {str(output)!r} is inside the images folder {str(images)!r}: predictions are "
+                         f"never written among the input images; write them elsewhere")
+    return check_new_file(output, overwrite, "--output")

@@ -9,6 +9,9 @@ Conventions (they match scikit-learn's defaults, which the tests compare against
   is missing from the labels; a validation split without some class still gets a score here).
   NaN when no class qualifies.
 - kappa: Cohen's kappa with quadratic weights (i - j)^2 over the class indices 0..C-1.
+- Non-finite probabilities (a diverged model): every metric is NaN, never a score (NaN scores
+  would otherwise rank the samples in their listing order); the confusion matrix counts the
+  samples whose probabilities are finite.
 """
 from __future__ import annotations
 
@@ -67,11 +70,11 @@ def _average_ranks(x: np.ndarray) -> np.ndarray:
 
 def binary_auc(scores, positive) -> float:
     """ROC AUC of scores for the boolean mask positive (Mann-Whitney U with tied ranks averaged);
-    NaN when either class is empty."""
+    NaN when either class is empty or a score is not finite."""
     scores, positive = _numpy(scores).astype(np.float64), _numpy(positive).astype(bool)
     n_pos = int(positive.sum())
     n_neg = len(positive) - n_pos
-    if n_pos == 0 or n_neg == 0:
+    if n_pos == 0 or n_neg == 0 or not np.isfinite(scores).all():
         return math.nan
     ranks = _average_ranks(scores)
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
@@ -114,8 +117,13 @@ def classification_metrics(labels, probabilities) -> Dict[str, object]:
         raise ValueError(f"probabilities (shape {probabilities.shape}) must be (N, C) with N = "
                          f"{labels.shape[0]} labels")
     num_classes = probabilities.shape[1]
+    finite = np.isfinite(probabilities).all(axis=1)
     predictions = probabilities.argmax(axis=1)
-    confusion = confusion_matrix(labels, predictions, num_classes)
+    confusion = confusion_matrix(labels[finite], predictions[finite], num_classes)
+    if not finite.all():
+        nan = math.nan
+        return {"acc": nan, "f1": nan, "auc": nan, "precision": nan, "recall": nan, "kappa": nan,
+                "confusion": confusion.tolist()}
     precision, recall, f1 = macro_precision_recall_f1(confusion)
     return {
         "acc": float((predictions == labels).mean()) if len(labels) else math.nan,

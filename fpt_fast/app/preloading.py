@@ -1,9 +1,11 @@
 """Preloading: the frozen branch run once over the splits, its K_sel / V_sel written into a feature
 store (the format, reader and writer are fpt_fast.app.store); and the check of a finished store.
 
-An interrupted preload resumes with the shards it has not finished. Under torchrun the shards
+An interrupted preload resumes with the shards it has not finished; the shards it keeps are
+checked whole first (a damaged one is computed again, and said so). Under torchrun the shards
 still to write are dealt out to the processes (each writes whole shards and records them in its
-part file) and rank 0 merges the part files into each split's index once all are done.
+part file) and rank 0 merges the part files into each split's index once all are done. One
+preload at a time writes a store (its lock: fpt_fast.app.store.StoreLock).
 """
 from __future__ import annotations
 
@@ -20,14 +22,16 @@ from .build import build_model, check_store, frozen_transform, with_normalizatio
 from .console import Log, Progress, quiet
 from .data import BadImages, FPTDataset, FrozenTransform, ImageFolderSplit, find_classes, make_loader
 from .distributed import Group, local_device
+from .files import DiskFullError, make_folder
 from .settings import Settings
-from .store import (MANIFEST, FeatureStore, ShardFile, StoreWriter, VerifyReport, fingerprint, measure_read_rate,
+from .store import (MANIFEST, FeatureStore, StoreLock, StoreWriter, VerifyReport, fingerprint, measure_read_rate,
                     record_bytes, records_from_features, to_storage, verify)
 
 
 @dataclass
 class SplitReport:
-    """What preloading one split did. left_out: messages of the images left out as unreadable."""
+    """What preloading one split did. left_out: messages of the images left out as unreadable;
+    damaged: what was wrong with each shard of an earlier run that was computed again."""
 
     split: str
     samples: int
@@ -35,6 +39,7 @@ class SplitReport:
     shards_reused: int
     seconds: float
     left_out: List[str] = field(default_factory=list)
+    damaged: List[str] = field(default_factory=list)
 
 
 @dataclass
@@ -62,6 +67,20 @@ def preload(settings: Settings, log: Log = print) -> PreloadResult:
     if data.root is None:
         raise ValueError("setting data.root is not set: the folder with train/, val/ and test/")
     device = local_device(opts.device)
+    # Before any image is read: a file at data.store, or another preload writing there, stops it.
+    # Rank 0 holds the lock for all the processes.
+    lock = group.main_first(lambda: StoreLock(make_folder(data.store, "data.store")) if group.is_main else None)
+    try:
+        return _preload_locked(settings, device, group, log)
+    except DiskFullError as e:
+        raise e.then("run preload again: it continues with the unfinished shards") from None
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _preload_locked(settings: Settings, device: torch.device, group: Group, log: Log) -> PreloadResult:
+    data, opts = settings.data, settings.preload
     classes = find_classes(data.root)
     splits = [ImageFolderSplit(data.root, name, classes) for name in opts.splits]
     train_split = next((s for s in splits if s.split == "train"), None) or ImageFolderSplit(data.root, "train", classes)
@@ -74,7 +93,8 @@ def preload(settings: Settings, log: Log = print) -> PreloadResult:
     run_fingerprint = fingerprint(model, transform.description(), opts.dtype, device)
     feature_shape = (len(config.layers), config.backbone_info.num_heads, config.num_selected, config.backbone_info.head_dim)
     # Rank 0 creates the manifest (or checks the existing one) before the others open the store.
-    writer = group.main_first(lambda: StoreWriter(data.store, run_fingerprint, feature_shape, classes, opts.shard_mb))
+    writer = group.main_first(lambda: StoreWriter(data.store, run_fingerprint, feature_shape, classes, opts.shard_mb,
+                                                  holds_lock=group.is_main))
     model.to(device).eval()
     where = str(device) if not group.active else f"{group.world_size} processes ({device.type})"
     log(f"preloading into {data.store}: K_sel/V_sel of shape (L={feature_shape[0]}, H={feature_shape[1]}, "
@@ -85,6 +105,8 @@ def preload(settings: Settings, log: Log = print) -> PreloadResult:
                                data.num_workers, settings.train.progress, group)
         reports.append(report)
         bad_images.note(report.left_out)  # every process's, not only this one's
+        for problem in report.damaged:
+            log(f"  {problem}: computed again")
         rate = (report.samples / report.seconds) if report.shards_written else 0.0
         log(f"  {split.split}: {report.samples} images, {report.shards_written} shard(s) written"
             f"{f', {report.shards_reused} kept from an earlier run' if report.shards_reused else ''}, "
@@ -120,8 +142,10 @@ def preload_split(model: FPT, writer: StoreWriter, split: ImageFolderSplit, tran
     group = group or Group()
     start_time = time.perf_counter()
     samples = [(s.path, s.label) for s in split.samples]
+    damaged_before = len(writer.damaged)
     index = group.main_first(lambda: writer.open_index(split.split, samples) if group.is_main
                              else writer.read_index(split.split, samples))
+    damaged = [f"{e.file.name} {e.problem}" for e in writer.damaged[damaged_before:]]
     per_shard = index["samples_per_shard"]
     total_shards = writer.num_shards(len(samples), per_shard)
     done = {shard["start"] // per_shard for shard in index["shards"]}
@@ -140,18 +164,17 @@ def preload_split(model: FPT, writer: StoreWriter, split: ImageFolderSplit, tran
             for batch in loader:
                 bad_images.handle(batch["bad"])
                 left_out += [(sample.position, sample.reason) for sample in batch["bad"]]
-                records = _batch_records(model, batch, device, writer.dtype)
+                records = _batch_records(model, batch, device, writer.dtype, split)
                 # Positions ascend within a process's shards, and each shard's are all there.
                 for position in sorted(records):
                     k, offset = divmod(position, per_shard)
-                    if shard is None:
-                        shard = ShardFile(writer.root, split.split, k, writer.record_bytes)
-                    shard.write(records[position], position)
                     count = min(per_shard, len(samples) - k * per_shard)
+                    if shard is None:
+                        shard = writer.new_shard(split.split, k, count)
+                    shard.write(records[position], position)
                     if offset == count - 1:
                         shard.close()
-                        writer.commit_shard(index, k, shard.tmp, count, shard.digest.hexdigest(), shard.left_out,
-                                            part=part)
+                        writer.commit_shard(index, shard, part=part)
                         shard = None
                 bar.update(len(batch["label"]) + len(batch["bad"]))
         except (ValueError, TypeError, FileNotFoundError) as e:  # BadImageError is a ValueError
@@ -168,7 +191,8 @@ def preload_split(model: FPT, writer: StoreWriter, split: ImageFolderSplit, tran
     seconds = time.perf_counter() - start_time
     if not group.active:
         writer.finish(index)
-        return SplitReport(split.split, len(samples), len(todo), len(done), seconds, [m for _, m in sorted(left_out)])
+        return SplitReport(split.split, len(samples), len(todo), len(done), seconds, [m for _, m in sorted(left_out)],
+                           damaged)
     reports = group.all_gather_object((seconds, left_out, None if error is None else str(error)))
     if error is not None:
         raise error
@@ -178,18 +202,27 @@ def preload_split(model: FPT, writer: StoreWriter, split: ImageFolderSplit, tran
     group.broadcast_result(lambda: _merge(writer, split.split, samples))
     left_out = sorted(item for _, items, _ in reports for item in items)
     return SplitReport(split.split, len(samples), len(todo), len(done), max(r[0] for r in reports),
-                       [m for _, m in left_out])
+                       [m for _, m in left_out], damaged)
 
 
 def _merge(writer: StoreWriter, split: str, samples: Sequence[tuple]) -> None:
     writer.merge(split, samples)  # the index stays on rank 0: the others need only "done"
 
 
-def _batch_records(model: FPT, batch: dict, device: torch.device, dtype: str) -> Dict[int, Optional[np.ndarray]]:
-    """{position: (2, L, H, n, d) record in the stored dtype, or None for an unreadable image}."""
+def _batch_records(model: FPT, batch: dict, device: torch.device, dtype: str,
+                   split: ImageFolderSplit) -> Dict[int, Optional[np.ndarray]]:
+    """{position: (2, L, H, n, d) record in the stored dtype, or None for an unreadable image}.
+    ValueError naming the image when its features are not finite (never stored)."""
     records: Dict[int, Optional[np.ndarray]] = {sample.position: None for sample in batch["bad"]}
     if len(batch["label"]):
-        stacked = to_storage(records_from_features(model.extract(batch["frozen"].to(device, non_blocking=True))), dtype)
+        features = records_from_features(model.extract(batch["frozen"].to(device, non_blocking=True)))
+        finite = torch.isfinite(features.flatten(1)).all(1).tolist()
+        if not all(finite):
+            path = split.path(batch["position"][finite.index(False)].item())
+            raise ValueError(f"the frozen branch computed NaN or inf features for {str(path)!r} (frozen compute dtype "
+                             f"{model.frozen.compute_dtype(device)}): nothing of it was stored; a float16 backbone "
+                             f"can overflow: set model.frozen_dtype to bfloat16 or float32")
+        stacked = to_storage(features, dtype)
         for row, position in enumerate(batch["position"].tolist()):
             records[position] = stacked[row]
     return records
@@ -206,6 +239,9 @@ def verify_store(settings: Settings, recompute: int = 4, log: Log = print) -> Ve
     device = local_device(settings.preload.device)
     if data.root is not None and recompute > 0:
         settings = with_normalization(settings, None, store, log, BadImages(data.skip_bad_images))
+        # Recompute as the store's machine computed (a GPU's bfloat16 runs on the CPU too).
+        settings = settings.replace("model", frozen_dtype=store.fingerprint["frozen_compute_dtype"],
+                                    feature_dtype=store.fingerprint["feature_dtype"])
         model = build_model(settings, len(store.classes))
         transform = frozen_transform(settings, model)
         check_store(store, settings, model, transform)
@@ -217,7 +253,8 @@ def verify_store(settings: Settings, recompute: int = 4, log: Log = print) -> Ve
         + (": OK" if report.ok else ": PROBLEMS\n  " + "\n  ".join(report.problems)))
     if report.ok:
         for name in store.splits():
-            samples_per_s, mb_per_s = measure_read_rate(store.split(name), settings.train.batch_size, max_seconds=3.0)
+            samples_per_s, mb_per_s = measure_read_rate(store.split(name, check=False), settings.train.batch_size,
+                                                        max_seconds=3.0)  # verify just checked it
             log(f"  read rate {name}: {samples_per_s:.0f} samples/s ({mb_per_s:.0f} MB/s, random batches of "
                 f"{settings.train.batch_size}, page cache warm)")
     return report

@@ -5,23 +5,27 @@ Four sections: ``model`` (the fields of fpt_fast.FPTConfig plus ``preset``), ``d
 
     schema defaults < model.preset ("fpt" / "fpt+") < data.dataset template < YAML file < --set
 
-Every key is checked: an unknown key, or a value of the wrong type, is an error that names the key
-(``train.lr``). Values are checked against the type annotations below; ``float`` settings also take
-strings such as ``1e-4``, which PyYAML 1.1 reads as text.
+Every key is checked when the settings load, before any image is read or any file written: an
+unknown key, a value of the wrong type or outside its range (RANGES) is an error that names the key
+(``train.lr``) and what it takes. Values are checked against the type annotations below; ``float``
+settings also take strings such as ``1e-4``, which PyYAML 1.1 reads as text. load_settings also
+builds the model section's FPTConfig (every model value checked) and opens model.checkpoint_path.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Tuple, Union
 
 import yaml
 
 from ..model.config import PRESETS, FPTConfig
+from .files import read_torch_file
 
 SECTIONS = ("model", "data", "preload", "train")
 
@@ -253,6 +257,82 @@ def check_value(key: str, value, hint):
                     f"({type(value).__name__})") from None
 
 
+# ------------------------------------------------------------------------------ value ranges
+def _finite(*values) -> bool:
+    return all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
+
+
+def _at_least(low: float) -> Callable[[Any], bool]:
+    return lambda v: _finite(v) and v >= low
+
+
+def _positive(v) -> bool:
+    return _finite(v) and v > 0
+
+
+def _increasing_range(high: float) -> Callable[[Any], bool]:
+    return lambda v: _finite(*v) and 0 < v[0] <= v[1] <= high
+
+
+# (section, key) -> (test of a value of the right type, what the key takes). None passes where
+# the type allows it (checked by the type); "auto" likewise.
+RANGES: Dict[Tuple[str, str], Tuple[Callable[[Any], bool], str]] = {
+    ("data", "num_workers"): (_at_least(0), "an integer >= 0"),
+    ("data", "std"): (lambda v: all(_positive(s) for s in v), "'auto' or three numbers > 0"),
+    ("data", "mean"): (lambda v: _finite(*v), "'auto' or three finite numbers"),
+    ("data", "hflip_prob"): (lambda v: _finite(v) and 0 <= v <= 1, "a probability in [0, 1]"),
+    ("data", "brightness"): (_at_least(0), "a number >= 0"),
+    ("data", "contrast"): (_at_least(0), "a number >= 0"),
+    ("data", "saturation"): (_at_least(0), "a number >= 0"),
+    ("data", "hue"): (lambda v: _finite(v) and 0 <= v <= 0.5, "a number in [0, 0.5]"),
+    ("data", "crop_scale"): (_increasing_range(1.0), "[low, high] with 0 < low <= high <= 1"),
+    ("data", "crop_ratio"): (_increasing_range(math.inf), "[low, high] with 0 < low <= high"),
+    ("preload", "batch_size"): (_at_least(1), "an integer >= 1"),
+    ("preload", "shard_mb"): (_positive, "a number > 0 (MiB)"),
+    ("train", "epochs"): (_at_least(1), "an integer >= 1"),
+    ("train", "batch_size"): (_at_least(1), "an integer >= 1"),
+    ("train", "eval_batch_size"): (_at_least(1), "an integer >= 1"),
+    ("train", "lr"): (_positive, "a number > 0"),
+    ("train", "weight_decay"): (_at_least(0), "a number >= 0"),
+    ("train", "warmup_epochs"): (_at_least(0), "a number of epochs >= 0"),
+    ("train", "clip_grad_norm"): (_positive, "a number > 0, or null for no clipping"),
+    ("train", "class_weights"): (lambda v: all(_at_least(0)(w) for w in v) and any(w > 0 for w in v),
+                                 "null, 'balanced' or one weight >= 0 per class, not all 0"),
+    ("train", "reference_memory_mb"): (_positive, "a number > 0 (MB), or null"),
+}
+
+
+def check_ranges(tree: dict) -> None:
+    """ValueError naming the first key of a checked settings tree whose value is outside RANGES."""
+    for (section, key), (test, allowed) in RANGES.items():
+        value = tree.get(section, {}).get(key)
+        if value is None or value in ("auto", "balanced"):
+            continue
+        if not test(value):
+            raise ValueError(f"setting {section}.{key}={value!r} is out of range: expected {allowed}")
+
+
+def check_backbone_file(path: Optional[str]) -> None:
+    """model.checkpoint_path, when set, is a file of weights that can be read: a .safetensors
+    file, or a torch.save file holding a mapping (opened memory-mapped: its tensors are not read)."""
+    if path is None:
+        return
+    what = "setting model.checkpoint_path"
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{what}={path!r}: no such file (the frozen backbone's weights)")
+    if path.endswith(".safetensors"):
+        from safetensors import SafetensorError, safe_open
+        try:
+            with safe_open(path, framework="pt") as f:
+                f.keys()
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{what}={path!r} cannot be read as a safetensors file: {e}") from None
+        return
+    weights = read_torch_file(path, what, mmap=True)
+    if not isinstance(weights, dict):
+        raise ValueError(f"{what}={path!r} holds a {type(weights).__name__}, not a state dict of the backbone's weights")
+
+
 # Names of the official implementation's settings, for a hint when they are used here.
 OFFICIAL_NAMES = {"learning_rate": "train.lr", "input_size": "model.image_size", "data_path": "data.root",
                   "preload_path": "data.store", "save_path": "train.out_dir", "layers_to_extract":
@@ -392,8 +472,9 @@ class Settings:
 
     @classmethod
     def from_tree(cls, tree: dict) -> "Settings":
-        """Settings from a complete, already-checked tree (every key present)."""
+        """Settings from a complete tree (every key present), checked: types and RANGES."""
         tree = check_tree(tree)
+        check_ranges(tree)
         model = dict(tree["model"])
         return cls(model=model, data=DataSettings(**_tuples(tree["data"], DataSettings)),
                    preload=PreloadSettings(**tree["preload"]), train=TrainSettings(**tree["train"]))
@@ -437,16 +518,22 @@ def load_settings(config_path: Optional[Union[str, Path]] = None, overrides: Seq
                   base: Optional[dict] = None) -> Settings:
     """Resolves the layers: defaults (or ``base``, e.g. a checkpoint's settings) < preset < dataset
     template < YAML file < overrides. The preset and dataset template are those named by the
-    YAML file or the overrides (or by ``base``)."""
+    YAML file or the overrides (or by ``base``). The result is checked throughout: every key's
+    type and range, the model section as an FPTConfig (model.num_classes null stands for any
+    number of classes), model.checkpoint_path readable."""
     user = check_tree(read_yaml(config_path), source=str(config_path)) if config_path else {}
     user = _merge(user, check_tree(overrides_tree(overrides), source="--set"))
     if base is not None:
         resolved = _merge(default_values(), check_tree(base, source="checkpoint settings"))
-        return Settings.from_tree(_merge(resolved, user))
-    tree = default_values()
-    preset = user.get("model", {}).get("preset", tree["model"]["preset"])
-    tree["model"].update(PRESETS[preset])
-    dataset = user.get("data", {}).get("dataset")
-    if dataset is not None:
-        tree = _merge(tree, DATASETS[dataset])
-    return Settings.from_tree(_merge(tree, user))
+        settings = Settings.from_tree(_merge(resolved, user))
+    else:
+        tree = default_values()
+        preset = user.get("model", {}).get("preset", tree["model"]["preset"])
+        tree["model"].update(PRESETS[preset])
+        dataset = user.get("data", {}).get("dataset")
+        if dataset is not None:
+            tree = _merge(tree, DATASETS[dataset])
+        settings = Settings.from_tree(_merge(tree, user))
+    check_backbone_file(settings.model["checkpoint_path"])
+    settings.fpt_config(settings.model["num_classes"] or 2)
+    return settings

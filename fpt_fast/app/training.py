@@ -7,6 +7,11 @@ metrics every epoch; best.pt keeps the epoch with the best validation ``train.se
 come from a feature store (fpt_fast.app.store) by sample position, or from the frozen branch run
 on each batch (features online).
 
+Nothing silently wrong, nothing lost: an out_dir that holds a run is refused unless the run is
+resumed or replaced on request (overwrite); a step whose gradient is not finite stops the run
+(TrainingDiverged, naming the epoch and step) before the optimiser applies it, and no checkpoint
+with non-finite weights is written; an epoch whose validation metric is NaN is never the best.
+
 Reproducibility: the shuffling order of epoch e and every augmentation are functions of
 (train.seed, e, sample position); the global RNG (dropout) is saved in last.pt. A run resumed
 from last.pt therefore ends with the same weights and metrics as an uninterrupted one.
@@ -29,20 +34,27 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..model import FPT
 from .build import build_model, check_store, frozen_transform, place_model, with_normalization
-from .checkpoints import (check_resumable, load_checkpoint, new_checkpoint, save_checkpoint,
+from .checkpoints import (check_resumable, first_non_finite, load_checkpoint, new_checkpoint, save_checkpoint,
                           with_checkpoint_normalization)
 from .console import Log, Progress, quiet
 from .data import (BadImageError, BadImages, EpochBatches, FPTDataset, ImageFolderSplit, describe_left_out,
                    find_classes, make_loader, side_transform)
 from .distributed import Group, local_device
 from .evaluation import batch_logits, predict_probabilities
-from .files import atomic_write_bytes, atomic_write_csv
+from .files import DiskFullError, atomic_write_bytes, atomic_write_csv, make_folder, remove_stale_temporaries
 from .metrics import METRIC_ORDER, classification_metrics
 from .settings import Settings
 from .store import TORCH_DTYPES, FeatureStore, StoreSplit, weights_sha256
 
 LOG_COLUMNS = ["epoch", "lr", "train_loss", "train_acc"] + [f"val_{m}" for m in METRIC_ORDER] + \
     ["images_per_s", "seconds", "memory_mb", "best"]
+# The files that make out_dir hold a run (which a new run must not silently replace).
+RUN_FILES = ("best.pt", "last.pt", "log.csv")
+
+
+class TrainingDiverged(ValueError):
+    """The loss, the gradient or the weights became NaN or infinite; the message names the epoch
+    and step, says what was kept and what to change."""
 
 
 @dataclass
@@ -52,16 +64,18 @@ class TrainResult:
     settings: Settings
     out_dir: Path
     history: List[dict]
-    best_epoch: int
+    best_epoch: int  # 0 when no epoch had a finite validation metric (then there is no best.pt)
     best_metric: float
     learnable_share: float
     classes: List[str]
     bad_images: List[str] = field(default_factory=list)
 
 
-def train(settings: Settings, resume: bool = False, log: Log = print) -> TrainResult:
+def train(settings: Settings, resume: bool = False, log: Log = print, overwrite: bool = False) -> TrainResult:
     """Trains per settings into train.out_dir (best.pt, last.pt, log.csv, config.yaml); with
-    resume, continues the run whose last.pt is there.
+    resume, continues the run whose last.pt is there. An out_dir holding another run is an
+    error, unless overwrite: its files (and the eval_*.json of its checkpoints) are then deleted
+    once the new run is ready to start.
 
     Under torchrun (torch.distributed initialised, as ``fpt-fast train`` does when torchrun
     starts it), every process calls this: DistributedDataParallel over the learnable part
@@ -69,7 +83,28 @@ def train(settings: Settings, resume: bool = False, log: Log = print) -> TrainRe
     images per process), its own frozen branch or part of the store, validation predictions
     gathered from all; rank 0 logs and writes the files. Every process returns the same TrainResult.
     """
-    return Trainer(settings, resume, log).run()
+    return Trainer(settings, resume, log, overwrite).run()
+
+
+def check_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
+    """out_dir created (ValueError when it is a file) and cleared of the temporary files of killed
+    runs; ValueError when it holds a run (RUN_FILES) that is neither resumed nor to be overwritten."""
+    if resume and overwrite:
+        raise ValueError("--resume continues the run in train.out_dir and --overwrite replaces it: give one")
+    make_folder(out_dir, "train.out_dir")
+    remove_stale_temporaries(out_dir)
+    existing = [name for name in RUN_FILES if (out_dir / name).exists()]
+    if existing and not resume and not overwrite:
+        raise ValueError(f"train.out_dir {str(out_dir)!r} holds a run ({', '.join(existing)}): add --resume to "
+                         f"continue it, --overwrite to replace it, or set another train.out_dir")
+
+
+def gradient_norm(parameters: Sequence[nn.Parameter], clip: Optional[float]) -> Tensor:
+    """The total 2-norm of the parameters' gradients (a 0-d tensor), after clipping them to clip
+    when it is set (clip_grad_norm_ returns the norm before clipping)."""
+    if clip is not None:
+        return torch.nn.utils.clip_grad_norm_(parameters, clip)
+    return torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
 
 
 # ------------------------------------------------------------------------ schedule, loss
@@ -173,14 +208,16 @@ class Trainer:
     not side_only); otherwise they are read from the store, or not used (side_only).
     """
 
-    def __init__(self, settings: Settings, resume: bool, log: Log):
+    def __init__(self, settings: Settings, resume: bool, log: Log, overwrite: bool = False):
         if settings.data.root is None:
             raise ValueError("setting data.root is not set: the folder with train/, val/ and test/")
         self.group = Group()
         self.log = log if self.group.is_main else quiet
         self.device = local_device(settings.train.device)
         self.out_dir = Path(settings.train.out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        # Rank 0 alone writes the run's files; its verdict stops every process alike.
+        self.group.broadcast_result(lambda: check_out_dir(self.out_dir, resume, overwrite))
+        self.replaces_run = overwrite
         self.bad_images = BadImages(settings.data.skip_bad_images)
         self.classes = find_classes(settings.data.root)
         train_split = ImageFolderSplit(settings.data.root, "train", self.classes)
@@ -250,11 +287,10 @@ class Trainer:
             split_store: Optional[StoreSplit] = None
             if store is not None:
                 split_store = store.split(split.split, [(s.path, s.label) for s in split.samples])
+                self.bad_images.note(split_store.left_out_messages())
             return FPTDataset(split, side, transform if self.features_online else None, split_store, seed=opts.seed)
 
         train_set = dataset(train_split, True)
-        if train_set.store is not None:
-            self.bad_images.note(train_set.store.left_out_messages())
         val_set = dataset(val_split, False) if val_split is not None else None
         batches = EpochBatches(len(train_set), opts.batch_size, opts.seed, self.group.rank, self.group.world_size)
         return store, train_set, val_set, batches
@@ -288,6 +324,9 @@ class Trainer:
     def run(self) -> TrainResult:
         opts, group = self.settings.train, self.group
         if group.is_main:
+            if self.replaces_run:  # everything is ready: the run asked to be replaced goes now
+                for path in [self.out_dir / name for name in RUN_FILES] + sorted(self.out_dir.glob("eval_*.json")):
+                    path.unlink(missing_ok=True)
             atomic_write_bytes(self.out_dir / "config.yaml", self.settings.to_yaml().encode("utf-8"))
         where = str(self.device) if not group.active else (
             f"{group.world_size} processes ({self.device.type}, global batch {self.batches.global_batch_size} = "
@@ -309,8 +348,7 @@ class Trainer:
                 score = metrics[opts.selection_metric]
             else:
                 score = float(epoch)  # no validation split: the latest epoch is the best
-            score = -math.inf if math.isnan(score) else score
-            is_best = score > self.best_metric or self.best_epoch < 0
+            is_best = math.isfinite(score) and score > self.best_metric  # NaN never wins
             if is_best:
                 self.best_metric, self.best_epoch = score, epoch + 1
             row["best"] = int(is_best)
@@ -322,12 +360,16 @@ class Trainer:
                      f"lr {row['lr']:.2e}  {row['images_per_s']:.0f} img/s  mem {row['memory_mb']:.0f} MB"
                      f"{'  *best' if is_best else ''}")
         board.close()
+        if self.best_epoch < 0:
+            self.log(f"no epoch had a finite validation {opts.selection_metric}, so best.pt was not written (last.pt "
+                     f"holds the last epoch); a validation split with a single class has no auc: set "
+                     f"train.selection_metric, or train.val_split=null to keep the last epoch as the best")
         messages = self.bad_images.messages
         if group.active:  # each process met the unreadable images of its own slices
             messages = list(dict.fromkeys(m for part in group.all_gather_object(messages) for m in part))
         if messages:
             self.log(describe_left_out(messages))
-        return TrainResult(self.settings, self.out_dir, self.history, self.best_epoch, self.best_metric,
+        return TrainResult(self.settings, self.out_dir, self.history, max(self.best_epoch, 0), self.best_metric,
                            self.learnable_share, self.classes, messages)
 
     def _handle_bad_images(self, bad: Sequence) -> Optional[BadImageError]:
@@ -373,7 +415,7 @@ class Trainer:
         start = time.perf_counter()
         seen, loss_sum, correct = 0, 0.0, 0  # loss_sum: this process's share of sum(batch loss * batch size)
         bar = Progress(opts.progress and group.is_main, f"epoch {epoch + 1}/{opts.epochs}", total=len(loader))
-        for batch in loader:
+        for step, batch in enumerate(loader):
             bar.update()
             error = self._handle_bad_images(batch["bad"])
             labels = batch["label"].to(device, non_blocking=True)
@@ -398,11 +440,15 @@ class Trainer:
                 # DistributedDataParallel copies into its bucket and warns about; a copy is all it costs.
                 warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
                 loss.backward()
-            if opts.clip_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(self.trainable_parameters, opts.clip_grad_norm)
+            # The gradients are the same on every process (DistributedDataParallel averaged them), so
+            # all stop at the same step; one synchronisation for both numbers.
+            local_value, norm = torch.stack([local.detach().float(), gradient_norm(
+                self.trainable_parameters, opts.clip_grad_norm).float()]).tolist()
+            if not math.isfinite(norm):
+                raise self._diverged(epoch, f"at step {step + 1} of {len(loader)} the gradient norm is {norm:.4g} "
+                                            f"(this process's loss {local_value:.4g})")
             self.optimizer.step()
             self.scheduler.step()
-            local_value = local.item()
             seen += int(count)
             loss_sum += local_value * count / weight_total
             if has_images:
@@ -413,10 +459,24 @@ class Trainer:
                          mem=f"{memory_mb(device):.0f}MB")
         bar.close()
         loss_sum, correct = group.all_reduce([loss_sum, correct])
+        if not math.isfinite(loss_sum):  # a sample of class weight 0 with an infinite loss
+            raise self._diverged(epoch, f"the epoch's loss is {loss_sum / max(seen, 1):.4g}")
+        bad = first_non_finite(self.model.trainable_state_dict())  # the same on every process
+        if bad is not None:  # finite gradients, but a step too large for the weights' range
+            raise self._diverged(epoch, f"its last step left non-finite weights ({bad})")
         seconds, memory = group.all_reduce([time.perf_counter() - start, memory_mb(device)], op="max")
         return {"epoch": epoch + 1, "lr": self.optimizer.param_groups[0]["lr"],
                 "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
                 "images_per_s": seen / max(seconds, 1e-9), "seconds": seconds, "memory_mb": memory}
+
+    def _diverged(self, epoch: int, what: str) -> TrainingDiverged:
+        opts = self.settings.train
+        kept = (f"the checkpoints of epoch {self.history[-1]['epoch']} and before are kept" if self.history
+                else "no checkpoint was written")
+        advice = f"lower train.lr (now {opts.lr:g})" + (
+            " or set train.clip_grad_norm (now null; the official value is 1.0)" if opts.clip_grad_norm is None else "")
+        return TrainingDiverged(f"training diverged in epoch {epoch + 1}: {what}; nothing of this epoch was saved "
+                                f"({kept}); {advice}, and train again")
 
     def validate(self) -> dict:
         """Validation metrics. With K processes, process r predicts every K-th image; the gathered
@@ -457,13 +517,16 @@ class Trainer:
                                         best_metric=self.best_metric, best_epoch=self.best_epoch,
                                         history=self.history, learnable_share=self.learnable_share,
                                         world_size=group.world_size)
-            if is_best:
-                save_checkpoint(self.out_dir / "best.pt", checkpoint)
             resume_state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                             "rng": rng_ranks[0]}
             if group.active:
                 resume_state["rng_ranks"] = rng_ranks
-            save_checkpoint(self.out_dir / "last.pt", {**checkpoint, **resume_state})
-            atomic_write_csv(self.out_dir / "log.csv", self.history, LOG_COLUMNS, ".6g")
+            try:
+                if is_best:
+                    save_checkpoint(self.out_dir / "best.pt", checkpoint)
+                save_checkpoint(self.out_dir / "last.pt", {**checkpoint, **resume_state})
+                atomic_write_csv(self.out_dir / "log.csv", self.history, LOG_COLUMNS, ".6g")
+            except DiskFullError as e:
+                raise e.then("rerun with --resume: training continues after the epoch last.pt holds") from None
 
         group.broadcast_result(write)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import numbers
+import os
 from dataclasses import dataclass, field
 from typing import Optional, Tuple, Union
 
@@ -79,6 +81,15 @@ def _pair(size: Size) -> Tuple[int, int]:
     if isinstance(size, int):
         return (size, size)
     return (int(size[0]), int(size[1]))
+
+
+def _is_integer(value) -> bool:
+    """An integer, and not a bool (True is an int to Python, never a size or a count here)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 PRESETS = {
@@ -158,8 +169,26 @@ class FPTConfig:
         return cls(**{**PRESETS[key], **overrides})
 
     def __post_init__(self):
+        if not isinstance(self.backbone, str):
+            raise ValueError(f"FPTConfig.backbone={self.backbone!r} is invalid: expected a timm model name")
         if not isinstance(self.backbone_kwargs, dict):
             raise ValueError(f"FPTConfig.backbone_kwargs={self.backbone_kwargs!r} is invalid: expected a dict")
+        # Types first: "64" would otherwise become (6, 4), and 1.7 block 1.
+        for name in ("image_size", "side_input_size"):
+            size = getattr(self, name)
+            if not (_is_integer(size) or (isinstance(size, (tuple, list)) and len(size) == 2
+                                          and all(_is_integer(s) for s in size))):
+                raise ValueError(f"FPTConfig.{name}={size!r} is invalid: expected an integer or two integers "
+                                 f"(height, width)")
+            if _is_integer(size):
+                setattr(self, name, int(size))  # numpy integers included
+        layers = self.extracted_layers
+        if layers is not None and not (isinstance(layers, (tuple, list)) and all(_is_integer(i) for i in layers)):
+            raise ValueError(f"FPTConfig.extracted_layers={layers!r} is invalid: expected None or a list of integer "
+                             f"block indices")
+        for name in ("prompt_norm", "prompt_proj", "pretrained"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"FPTConfig.{name}={getattr(self, name)!r} is invalid: expected True or False")
         self._backbone_info = read_backbone_info(self.backbone, self.backbone_kwargs)
         self.image_size = _pair(self.image_size)
         self.side_input_size = _pair(self.side_input_size)
@@ -221,7 +250,7 @@ class FPTConfig:
         def bad(name, value, expected):
             raise ValueError(f"FPTConfig.{name}={value!r} is invalid: expected {expected}")
 
-        if not isinstance(self.num_classes, int) or self.num_classes < 1:
+        if not _is_integer(self.num_classes) or self.num_classes < 1:
             bad("num_classes", self.num_classes, "a positive integer")
         if self.layer_selection not in ("all", "second_half"):
             bad("layer_selection", self.layer_selection, "'all' or 'second_half'")
@@ -239,16 +268,16 @@ class FPTConfig:
             if not 0 <= i < info.depth:
                 bad("extracted_layers", self.extracted_layers,
                     f"block indices in [0, {info.depth - 1}] ({info.name} has {info.depth} blocks)")
-        if not isinstance(self.num_prompts, int) or self.num_prompts < 1:
+        if not _is_integer(self.num_prompts) or self.num_prompts < 1:
             bad("num_prompts", self.num_prompts, "a positive integer")
         for name in ("side_reduction_ratio", "prompt_reduction_ratio"):
             r = getattr(self, name)
-            if not isinstance(r, int) or r < 1 or D % r:
+            if not _is_integer(r) or r < 1 or D % r:
                 bad(name, r, f"a positive integer dividing the backbone width {D}")
         if self.side_dim % H:
             bad("side_reduction_ratio", self.side_reduction_ratio,
                 f"a ratio giving a side width ({self.side_dim}) divisible by the {H} heads")
-        if not (isinstance(self.token_ratio, (int, float)) and 0.0 < self.token_ratio <= 1.0):
+        if not (_is_number(self.token_ratio) and 0.0 < self.token_ratio <= 1.0):
             bad("token_ratio", self.token_ratio, "a number in (0, 1]")
         if self.num_selected < 1:
             bad("token_ratio", self.token_ratio,
@@ -266,15 +295,18 @@ class FPTConfig:
             bad("prompt_reduction_ratio", self.prompt_reduction_ratio,
                 f"a ratio giving a prompt width equal to the backbone width {D} or the side width "
                 f"{self.side_dim} (got {self.prompt_dim})")
-        if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
+        if not (_is_number(self.dropout) and 0.0 <= self.dropout < 1.0):
             bad("dropout", self.dropout, "a probability in [0, 1)")
         for name in ("frozen_dtype", "feature_dtype"):
             v = getattr(self, name)
             if v is not None and v not in DTYPES:
                 bad(name, v, f"None or one of {tuple(DTYPES)}")
-        if self.frozen_chunk_size is not None and (not isinstance(self.frozen_chunk_size, int)
+        if self.frozen_chunk_size is not None and (not _is_integer(self.frozen_chunk_size)
                                                    or self.frozen_chunk_size < 1):
             bad("frozen_chunk_size", self.frozen_chunk_size, "None or a positive integer")
+        path = self.checkpoint_path
+        if path is not None and not (isinstance(path, (str, os.PathLike)) and os.path.isfile(path)):
+            bad("checkpoint_path", path, "None or an existing file of the backbone's weights")
 
 
 def num_selected_tokens(num_tokens: int, token_ratio: float) -> int:

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 from typing import Dict, Iterator, Mapping, Optional, Tuple
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..ops.validation import describe
 from .config import FPTConfig
 from .frozen import FrozenBranch, FrozenFeatures
 from .fusion import FineGrainedFusion
@@ -59,6 +61,13 @@ class FPT(nn.Module):
     handled through trainable_parameters, trainable_module, trainable_state_dict and
     load_trainable_state_dict; side_only=True selects the side network alone (the ablation that
     trains it without prompts and without the frozen branch).
+
+    The three entry points check their inputs first (a TypeError/ValueError naming x_hi, x_lo or
+    features, with its shape, dtype and device, and what was expected): a tensor of rank 4 with 3
+    channels, of config.image_size (x_hi; the stored features depend on it) or of any multiple of
+    the patch size (x_lo; the side network resamples its position embeddings), with the same batch
+    size, on the device of the weights that read it, in their dtype (under autocast on a GPU,
+    float32, bfloat16 or float16). Images are float (normalised), never uint8.
     """
 
     def __init__(self, config: FPTConfig):
@@ -126,19 +135,83 @@ class FPT(nn.Module):
         learnable = sum(p.numel() for p in self.trainable_parameters(side_only))
         return learnable / (learnable + sum(p.numel() for p in self.frozen.parameters()))
 
+    # --------------------------------------------------------------------- inputs
+    def _check_images(self, name: str, x, size: Optional[Tuple[int, int]], reader: nn.Module,
+                      internal_autocast: bool, batch: Optional[int] = None) -> None:
+        """x: images (B, 3, *size) (size None: any multiple of the patch) for ``reader`` (the module
+        whose weights read them first)."""
+        if not isinstance(x, Tensor):
+            shape = getattr(x, "shape", None)
+            raise TypeError(f"{name} must be a torch.Tensor (B, 3, height, width), got {type(x).__name__}"
+                            + (f" of shape {tuple(shape)}" if shape is not None else "")
+                            + (": convert it with torch.from_numpy" if type(x).__module__ == "numpy" else ""))
+        where = f"{name} ({describe(x)})"
+        if x.dim() != 4 or x.shape[1] != 3 or x.shape[0] == 0:
+            raise ValueError(f"{where} must be a non-empty batch of RGB images (B, 3, height, width)")
+        patch = self.config.backbone_info.patch_size
+        if size is not None and tuple(x.shape[2:]) != tuple(size):
+            raise ValueError(f"{where} must have the configured size {tuple(size)} (config.image_size, multiples "
+                             f"of the patch {patch}): resize the images (fpt_fast.model.resize_images) or build "
+                             f"the model for this size")
+        if x.shape[2] % patch[0] or x.shape[3] % patch[1]:
+            raise ValueError(f"{where} must have a height and width divisible by the patch {patch}")
+        if batch is not None and x.shape[0] != batch:
+            raise ValueError(f"{where} must have the batch size of x_hi ({batch})")
+        weight = next(reader.parameters())
+        if x.device != weight.device:
+            raise ValueError(f"{where} must be on {weight.device}, where the weights that read it are")
+        if not x.is_floating_point():
+            raise TypeError(f"{where} must be a float tensor of normalised images ({weight.dtype}), not "
+                            f"{x.dtype}: convert and normalise it first")
+        autocast = x.device.type == "cuda" and (internal_autocast or torch.is_autocast_enabled("cuda"))
+        allowed = {weight.dtype} | ({torch.float32, torch.bfloat16, torch.float16} if autocast else set())
+        if x.dtype not in allowed:
+            raise TypeError(f"{where} must be {' or '.join(sorted(str(d) for d in allowed))}, the dtype of the "
+                            f"model's weights" + ("" if autocast else " (half precision only under autocast on a GPU)"))
+
+    def _check_x_hi(self, x_hi) -> None:
+        device = x_hi.device if isinstance(x_hi, Tensor) else torch.device("cpu")
+        self._check_images("x_hi", x_hi, self.config.image_size, self.frozen,
+                           self.frozen.compute_dtype(device) != torch.float32)
+
+    def _check_x_lo(self, x_lo, batch: Optional[int] = None) -> None:
+        self._check_images("x_lo", x_lo, None, self.side, False, batch)
+
+    def _check_features(self, features, x_lo: Tensor) -> None:
+        config, info = self.config, self.config.backbone_info
+        expected = (len(config.layers), x_lo.shape[0], info.num_heads, config.num_selected, info.head_dim)
+        if not (isinstance(features, (tuple, list)) and len(features) == 2):
+            raise TypeError(f"features must be FrozenFeatures or (keys, values), got {type(features).__name__}")
+        for name, t in zip(("features.keys", "features.values"), features):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor {expected}, got {type(t).__name__}")
+            if tuple(t.shape) != expected or not t.is_floating_point() or t.device != x_lo.device:
+                raise ValueError(f"{name} ({describe(t)}) must be a float tensor "
+                                 f"(L, B, H, n, d) = {expected} on {x_lo.device} (as extract gives for a batch of "
+                                 f"x_lo's size)")
+
     # --------------------------------------------------------------------- forward
     def extract(self, x_hi: Tensor) -> FrozenFeatures:
         """Selected keys and values of the frozen branch: each (L, B, H, n, d), no autograd graph."""
+        self._check_x_hi(x_hi)
         return self.frozen(x_hi)
 
     def forward_from_features(self, x_lo: Tensor, features: Optional[Tuple[Tensor, Tensor]]) -> Tensor:
         """Logits (B, num_classes) from the side input x_lo (B, 3, h, w) and features extracted
         before (FrozenFeatures or (keys, values), each (L, B, H, n, d)). features None is only for
         the side-network-alone ablation: the side network then runs without prompts."""
+        self._check_x_lo(x_lo)
+        if features is not None:
+            self._check_features(features, x_lo)
         return self.learnable(x_lo, features)
 
     def forward(self, x_hi: Tensor, x_lo: Optional[Tensor] = None) -> Tensor:
+        self._check_x_hi(x_hi)
         if x_lo is None:
+            # The side input is x_hi resized: x_hi must suit the side network's weights as well.
+            self._check_images("x_hi", x_hi, self.config.image_size, self.side, False)
             x_lo = resize_images(x_hi, self.config.side_input_size)
-        return self.forward_from_features(x_lo, self.extract(x_hi))
+        else:
+            self._check_x_lo(x_lo, batch=x_hi.shape[0])
+        return self.learnable(x_lo, self.frozen(x_hi))  # the inputs are checked: no second check
 

@@ -3,7 +3,8 @@ resumption refused when the run changed."""
 import pytest
 import torch
 
-from fpt_fast.app.checkpoints import load_checkpoint, model_from_checkpoint, with_checkpoint_normalization
+from fpt_fast.app.checkpoints import (load_checkpoint, model_from_checkpoint, save_checkpoint,
+                                     with_checkpoint_normalization)
 from fpt_fast.app.training import train
 from tiny_run import tiny_settings
 
@@ -69,3 +70,30 @@ def test_resume_refuses_changed_settings(run, tmp_path):
         train(settings.replace("train", lr=2e-3, epochs=2), resume=True, **QUIET)
     with pytest.raises(FileNotFoundError, match="last.pt"):
         train(settings.replace("train", out_dir=str(tmp_path / "elsewhere")), resume=True, **QUIET)
+
+
+def test_a_checkpoint_with_non_finite_weights_is_refused_naming_the_tensor(run, tmp_path):
+    _, result = run
+    checkpoint = load_checkpoint(result.out_dir / "best.pt")
+    name = sorted(checkpoint["model"])[3]
+    checkpoint["model"][name].view(-1)[:2] = torch.tensor([float("nan"), float("inf")])
+    save_checkpoint(tmp_path / "diverged.pt", checkpoint)
+    with pytest.raises(ValueError, match=rf"diverged.pt' holds non-finite weights \(first: {name} \(1 NaN, 1 inf"):
+        load_checkpoint(tmp_path / "diverged.pt")  # what evaluate, predict and --resume read checkpoints with
+
+
+class Payload:
+    """A Python object that a weights-only load refuses to unpickle."""
+
+
+def test_unreadable_files_are_named_without_torch_advice(tmp_path):
+    cut = tmp_path / "cut.pt"
+    torch.save({"kind": "fpt_fast.checkpoint"}, cut)
+    cut.write_bytes(cut.read_bytes()[:100])
+    with pytest.raises(ValueError, match="cut.pt' cannot be read: it was not written by torch.save, or it is damaged"):
+        load_checkpoint(cut)
+    pickled = tmp_path / "pickled.pt"
+    torch.save({"model": Payload()}, pickled)
+    with pytest.raises(ValueError, match="pickled.pt' cannot be read: it is not a file of tensors") as error:
+        load_checkpoint(pickled)
+    assert "weights_only" not in str(error.value)

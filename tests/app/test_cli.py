@@ -60,6 +60,22 @@ def test_preload_train_evaluate_predict(run, tmp_path, capsys):
     assert set(rows[0]) == {"path", "prediction", "confidence", "p_checker", "p_horizontal", "p_vertical"}
     assert all(abs(sum(float(r[f"p_{c}"]) for c in demo.CLASSES) - 1) < 1e-4 for r in rows)
 
+    # Nothing is replaced unasked, nothing written among the images, nothing ends in a traceback.
+    predict = ["predict", "--checkpoint", str(run_dir / "best.pt"), "--images", str(root / "test"), "--no-progress"]
+    image = root / "test" / "checker" / "checker_0000.png"
+    before = image.read_bytes()
+    for target, flags, message in [
+            (output, [], "predictions.csv' exists: choose another file, or add --overwrite"),
+            (image, ["--overwrite"], "is inside the images folder"),
+            (root / "test" / "p.csv", [], "is inside the images folder"),
+            (tmp_path, [], "is a folder: give the path of a file")]:
+        assert main(predict + ["--output", str(target)] + flags) == 2
+        assert message in capsys.readouterr().err
+    assert image.read_bytes() == before
+    assert main(predict + ["--output", str(output), "--overwrite"]) == 0
+    assert main(["train", "-c", str(config), "--set", "train.epochs=1"]) == 2
+    assert "holds a run (best.pt, last.pt, log.csv): add --resume" in capsys.readouterr().err
+
 
 def test_print_config_shows_the_resolved_settings(run, capsys):
     config, _ = run
@@ -121,3 +137,32 @@ def test_module_and_console_script():
     if not scripts:
         pytest.skip("fpt_fast is not installed (no fpt-fast console script)")
     assert scripts[0].load() is main
+
+
+def test_user_caused_failures_end_in_one_line_not_a_traceback(run, tmp_path, capsys):
+    config, root = run
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "cut.pt").write_bytes(b"PK\x03\x04 cut short")
+    for args, message in [
+            (["preload", "--set", f"data.store={tmp_path / 'a_file'}"], "data.store='"),
+            (["train", "--set", f"train.out_dir={tmp_path / 'a_file'}"], "train.out_dir='"),
+            (["train", "--set", "train.clip_grad_norm=-1"], "setting train.clip_grad_norm=-1.0 is out of range")]:
+        assert main(args[:1] + ["-c", str(config)] + args[1:]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["predict", "--checkpoint", str(tmp_path / "cut.pt"), "--images", str(root / "test")]) == 2
+    err = capsys.readouterr().err
+    assert "cut.pt' cannot be read" in err and "weights_only" not in err and "Traceback" not in err
+
+
+def test_skipped_images_of_every_split_are_listed_once(run, capsys):
+    """With a store, the images left out of val when preloading were not listed."""
+    config, root = run
+    for name in ("train/vertical/vertical_0001.png", "val/horizontal/horizontal_0000.png"):
+        (root / name).write_bytes(b"\x89PNG\r\n\x1a\n cut short")
+    assert main(["preload", "-c", str(config), "--skip-bad-images", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["train", "-c", str(config), "--skip-bad-images", "--set", "train.epochs=2"]) == 0
+    out = capsys.readouterr().out
+    assert "2 unreadable image(s) were left out" in out
+    assert out.count("vertical_0001.png (left out when preloaded)") == 1
+    assert out.count("horizontal_0000.png (left out when preloaded)") == 1

@@ -178,3 +178,18 @@ def test_demo_texture_vanishes_at_the_side_resolution_only():
     assert full > 1.5 * demo.TEXTURE_AMPLITUDE
     assert side_mean < 0.01 * demo.TEXTURE_AMPLITUDE
     assert side < 0.2 * demo.TEXTURE_AMPLITUDE  # what is left: lesion borders and 8-bit rounding
+
+
+def test_hidden_folders_are_ignored_and_an_empty_class_folder_is_named(tmp_path):
+    """.ipynb_checkpoints in train/ once became class 0 and shifted every label."""
+    root = demo.generate_dataset(tmp_path / "ds", seed=1, images_per_class={"train": 1, "val": 1, "test": 1})
+    for split in ("train", "val"):
+        save(root / split / ".ipynb_checkpoints" / "x-checkpoint.png", np.zeros((8, 8, 3), np.uint8))
+        save(root / split / "checker" / ".hidden" / "y.png", np.zeros((8, 8, 3), np.uint8))
+    assert data.find_classes(root) == sorted(demo.CLASSES)
+    for split in ("train", "val"):
+        samples = data.ImageFolderSplit(root, split).samples
+        assert [s.label for s in samples] == [0, 1, 2] and all("/." not in s.path for s in samples)
+    (root / "val" / "vertical" / "vertical_0000.png").unlink()
+    with pytest.raises(ValueError, match=r"class folder '.*val/vertical' holds no images"):
+        data.ImageFolderSplit(root, "val")

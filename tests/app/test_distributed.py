@@ -199,6 +199,6 @@ def test_two_process_preload_resumes_and_equals_one_process(tmp_path, monkeypatc
     assert sorted(p.name for p in path.iterdir()) == sorted(p.name for p in reference.store.iterdir())
     for name in ("train", "val", "test"):
         a, b = ours.split(name), theirs.split(name)
-        assert a.index == b.index  # shard files, counts, sha256, samples
+        assert a.index == b.index  # shard files, counts, crc32, samples
         for position in range(len(a)):
             assert torch.equal(torch.stack(a.read(position)), torch.stack(b.read(position))), (name, position)

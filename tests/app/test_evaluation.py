@@ -1,11 +1,13 @@
 """Evaluation and prediction with a checkpoint: the run's validation repeated, features from the
 store or from the frozen branch alike, predictions consistent with the metrics."""
 import csv
+import errno
 import json
 
 import numpy as np
 import pytest
 
+from fpt_fast.app import files
 from fpt_fast.app.evaluation import evaluate, predict
 from fpt_fast.app.preloading import preload
 from fpt_fast.app.training import train
@@ -51,3 +53,16 @@ def test_predictions_agree_with_the_evaluation(run, tmp_path):
         written = list(csv.DictReader(f))
     assert [r["path"] for r in written] == [r["path"] for r in rows]
     assert all(float(w["confidence"]) == pytest.approx(r["confidence"], abs=1e-6) for w, r in zip(written, rows))
+
+
+def test_a_full_disk_while_writing_predictions_is_named_and_keeps_the_old_file(run, tmp_path, monkeypatch):
+    output = tmp_path / "p.csv"
+    output.write_text("earlier predictions\n")
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(files.os, "fsync", full)
+    with pytest.raises(files.DiskFullError, match=r"while writing .*p.csv .*free some space, then rerun predict"):
+        predict(run.settings, run.out_dir / "best.pt", run.settings.data.root + "/test", output, overwrite=True,
+                **QUIET)
+    assert output.read_text() == "earlier predictions\n"

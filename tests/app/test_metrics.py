@@ -86,3 +86,16 @@ def test_efficiency_scores():
 def test_out_of_range_labels_are_rejected():
     with pytest.raises(ValueError, match="labels must lie in"):
         metrics.confusion_matrix([0, 3], [0, 1], 3)
+
+
+def test_non_finite_probabilities_give_nan_metrics_never_a_score():
+    """A diverged model's NaN probabilities once ranked the samples in listing order: AUC 1.0 here."""
+    labels = np.array([0, 0, 1, 1])
+    nan = np.full((4, 2), np.nan)
+    got = metrics.classification_metrics(labels, nan)
+    assert all(math.isnan(got[m]) for m in metrics.METRIC_ORDER)
+    assert math.isnan(metrics.binary_auc(nan[:, 1], labels == 1))
+    one_inf = np.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [np.inf, 0.0]])
+    got = metrics.classification_metrics(labels, one_inf)
+    assert all(math.isnan(got[m]) for m in metrics.METRIC_ORDER)
+    assert got["confusion"] == [[2, 0], [0, 1]]  # the samples with finite probabilities

@@ -1,10 +1,13 @@
 """Preloading: an interrupted preload resumes to the store of an uninterrupted one, unreadable images
 stop it or are left out, the finished store is verified (recomputed samples included)."""
+import errno
 import json
+import os
 
 import pytest
 
 from fpt_fast.app import data, store
+from fpt_fast.app.files import DiskFullError
 from fpt_fast.app.preloading import preload, verify_store
 from tiny_run import tiny_settings
 
@@ -80,3 +83,49 @@ def test_verify_store_recomputes_samples(tmp_path):
     (folder / "checker" / "checker_0000.png").write_bytes((folder / "vertical" / "vertical_0000.png").read_bytes())
     report = verify_store(settings, recompute=12, log=lambda _: None)
     assert not report.ok and any("split 'train': recomputed features differ" in p for p in report.problems)
+
+
+def test_a_second_writer_is_refused_naming_the_first(tmp_path):
+    """Two preloads into one store both computed everything, and one could delete the other's shard."""
+    settings = tiny_settings(tmp_path, "data.mean=[0.5, 0.5, 0.5]", "data.std=[0.25, 0.25, 0.25]")
+    (tmp_path / "store").mkdir()
+    first = store.StoreLock(tmp_path / "store")  # as a preload at work holds it (another open file)
+    with pytest.raises(ValueError, match=rf"is being written by another preload \(PID {os.getpid()} on "):
+        preload(settings, log=lambda _: None)
+    assert not list((tmp_path / "store").glob("*.json"))  # the second wrote nothing
+    first.release()
+    preload(settings, log=lambda _: None)
+
+
+class FullDisk:
+    """A shard file whose device is full: every write fails with ENOSPC."""
+
+    def __init__(self, file):
+        self.file = file
+
+    def write(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+
+def test_a_full_disk_names_the_shard_keeps_the_finished_ones_and_a_rerun_resumes(tmp_path, monkeypatch):
+    settings = tiny_settings(tmp_path, "data.mean=[0.5, 0.5, 0.5]", "data.std=[0.25, 0.25, 0.25]")
+    opened = store.ShardFile.__init__
+
+    def second_shard_on_a_full_disk(self, *args, **kwargs):
+        opened(self, *args, **kwargs)
+        if self.name == "train-00001.bin":
+            self.file = FullDisk(self.file)
+    monkeypatch.setattr(store.ShardFile, "__init__", second_shard_on_a_full_disk)
+    with pytest.raises(DiskFullError, match=r"no space left on the device while writing .*train-00001.bin \(nothing "
+                                            r"written before was lost.*run preload again: it continues with the "
+                                            r"unfinished shards"):
+        preload(settings, log=lambda _: None)
+    monkeypatch.undo()
+    path = tmp_path / "store"
+    assert [s["file"] for s in json.loads((path / "train.index.json").read_text())["shards"]] == ["train-00000.bin"]
+    assert not [p for p in path.iterdir() if ".tmp-" in p.name]
+    result = preload(settings, log=lambda _: None)
+    assert (result.reports[0].shards_reused, result.reports[0].shards_written) == (1, 2)

@@ -3,6 +3,7 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from fpt_fast.model.config import PRESETS, FPTConfig
@@ -48,10 +49,10 @@ def test_dataset_templates(dataset, classes, lr):
 def test_override_values_are_read_as_yaml():
     assert parse_override("train.lr=1e-4") == ("train", "lr", "1e-4")  # PyYAML 1.1 keeps this as text ...
     settings = load_settings(None, ["train.lr=1e-4", "model.extracted_layers=[3, 4]", "train.val_split=null",
-                                    "model.backbone_kwargs={depth: 2}", "data.mean=[0.5, 0.5, 0.5]"])
+                                    "model.backbone_kwargs={depth: 5}", "data.mean=[0.5, 0.5, 0.5]"])
     assert settings.train.lr == 1e-4                                   # ... the float setting reads it
     assert settings.model["extracted_layers"] == [3, 4] and settings.train.val_split is None
-    assert settings.model["backbone_kwargs"] == {"depth": 2} and settings.data.mean == [0.5, 0.5, 0.5]
+    assert settings.model["backbone_kwargs"] == {"depth": 5} and settings.data.mean == [0.5, 0.5, 0.5]
 
 
 @pytest.mark.parametrize("override,error,match", [
@@ -85,10 +86,45 @@ def test_bad_keys_in_the_file_name_the_key(tmp_path):
         load_settings(bad)
 
 
-def test_invalid_model_values_are_reported_when_the_model_is_built():
-    settings = load_settings(None, ["model.token_ratio=1.5", "model.pretrained=false"])
-    with pytest.raises(ValueError, match="token_ratio"):
-        settings.fpt_config(3)
+OUT_OF_RANGE = [
+    # A negative clip once flipped the gradient (the model trained backwards); epochs 0, a negative
+    # warm-up and a probability of 2 ran silently; eval_batch_size 0 failed after a whole epoch.
+    ("train.clip_grad_norm=-1", "train.clip_grad_norm=-1.0 is out of range: expected a number > 0, or null"),
+    ("train.clip_grad_norm=0", "train.clip_grad_norm=0.0 is out of range"),
+    ("train.epochs=0", "train.epochs=0 is out of range: expected an integer >= 1"),
+    ("train.warmup_epochs=-1", "train.warmup_epochs=-1.0 is out of range: expected a number of epochs >= 0"),
+    ("data.hflip_prob=2", r"data.hflip_prob=2.0 is out of range: expected a probability in \[0, 1\]"),
+    ("train.eval_batch_size=0", "train.eval_batch_size=0 is out of range: expected an integer >= 1"),
+    ("train.batch_size=0", "train.batch_size=0 is out of range"),
+    ("preload.batch_size=0", "preload.batch_size=0 is out of range: expected an integer >= 1"),
+    ("train.lr=.nan", "train.lr=nan is out of range: expected a number > 0"),
+    ("data.crop_scale=[0.9, 0.5]", r"data.crop_scale=\[0.9, 0.5\] is out of range"),
+    ("data.std=[0.2, 0, 0.2]", "data.std=.* is out of range: expected 'auto' or three numbers > 0"),
+    ("train.class_weights=[0, 0, 0]", "train.class_weights=.* is out of range"),
+]
+
+
+@pytest.mark.parametrize("override,match", OUT_OF_RANGE, ids=[o for o, _ in OUT_OF_RANGE])
+def test_values_out_of_range_name_the_key_and_the_range_when_the_settings_load(override, match):
+    with pytest.raises(ValueError, match="setting " + match):
+        load_settings(None, [override, "model.pretrained=false"])
+
+
+def test_the_backbone_file_is_checked_when_the_settings_load(tmp_path):
+    """A missing file once gave an empty message, a text file a raw traceback."""
+    with pytest.raises(FileNotFoundError, match="model.checkpoint_path='.*missing.pth': no such file"):
+        load_settings(None, [f"model.checkpoint_path={tmp_path / 'missing.pth'}"])
+    (tmp_path / "notes.pth").write_text("not weights")
+    with pytest.raises(ValueError, match="model.checkpoint_path '.*notes.pth' cannot be read"):
+        load_settings(None, [f"model.checkpoint_path={tmp_path / 'notes.pth'}"])
+    torch.save({"cls_token": torch.zeros(1, 1, 768)}, tmp_path / "vit.pth")
+    settings = load_settings(None, [f"model.checkpoint_path={tmp_path / 'vit.pth'}"])
+    assert settings.model["checkpoint_path"] == str(tmp_path / "vit.pth")
+
+
+def test_invalid_model_values_are_reported_when_the_settings_load():
+    with pytest.raises(ValueError, match="invalid model settings: FPTConfig.token_ratio=1.5"):
+        load_settings(None, ["model.token_ratio=1.5", "model.pretrained=false"])
 
 
 def test_num_classes_comes_from_the_data_or_must_agree():

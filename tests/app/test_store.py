@@ -1,5 +1,7 @@
 """The preloaded-feature store: exactness per dtype, the record layout, fingerprints, changed splits,
 damaged files, the read rate."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -103,10 +105,62 @@ def test_verify_names_damaged_shards(tmp_path):
     assert store.verify(tmp_path / "store", recompute=0).ok
     shard = tmp_path / "store" / "val-00000.bin"
     raw = bytearray(shard.read_bytes())
-    raw[10] ^= 0xFF
+    raw[store.SHARD_HEADER_BYTES + 10] ^= 0xFF
     shard.write_bytes(bytes(raw))
     report = store.verify(tmp_path / "store", recompute=0)
-    assert not report.ok and any("val-00000.bin: sha256" in p for p in report.problems)
+    assert not report.ok and any("val-00000.bin: differs from its CRC-32" in p for p in report.problems)
     shard.write_bytes(bytes(raw[:-2]))
     report = store.verify(tmp_path / "store", recompute=0)
     assert any("val-00000.bin" in p and "bytes" in p for p in report.problems)
+
+
+def test_damaged_shards_are_named_where_read_and_computed_again_by_preload(tmp_path):
+    """A cut-short shard once failed with "mmap length is greater than file size" naming no file, a
+    flipped byte trained silently, and a plain preload kept the flipped shard."""
+    settings = tiny_settings(tmp_path, "train.epochs=1")
+    preload(settings, log=lambda _: None)
+    shard = tmp_path / "store" / "train-00001.bin"
+    intact = shard.read_bytes()
+    shard.write_bytes(intact[:-100])
+    assert len(intact) == store.SHARD_HEADER_BYTES + 4 * 1536  # 4 records of the tiny model
+    with pytest.raises(ValueError, match=rf"train-00001.bin' has {len(intact) - 100} bytes, {len(intact)} expected "
+                                         r".*run `fpt-fast preload` again"):
+        train(settings, log=lambda _: None)
+    flipped = bytearray(intact)
+    flipped[-100] ^= 0x01
+    shard.write_bytes(bytes(flipped))
+    with pytest.raises(ValueError, match="train-00001.bin' differs from its CRC-32 in the index"):
+        train(settings, log=lambda _: None)
+    lines = []
+    result = preload(settings, log=lines.append)
+    assert "  train-00001.bin differs from its CRC-32 in the index (its bytes were altered): computed again" in lines
+    assert [(r.shards_written, r.shards_reused) for r in result.reports] == [(1, 2), (0, 2), (0, 2)]
+    assert shard.read_bytes() == intact  # computed again, bit for bit
+    store.FeatureStore(tmp_path / "store").split("train")  # whole again
+
+
+def test_shards_of_another_fingerprint_or_format_are_refused(tmp_path):
+    """manifest.json deleted, then a preload with another backbone: the old shards were adopted."""
+    settings = tiny_settings(tmp_path, "data.mean=[0.5, 0.5, 0.5]", "data.std=[0.25, 0.25, 0.25]")
+    preload(settings, log=lambda _: None)
+    root = tmp_path / "store"
+    shards = {p.name: p.read_bytes() for p in root.glob("*.bin")}
+    (root / "manifest.json").unlink()
+    with pytest.raises(ValueError, match=r"train-00000.bin' was made under another fingerprint than the store's .*"
+                                         r"delete train-\*.bin and train.index.json"):
+        preload(settings.replace("train", seed=1), log=lambda _: None)  # another (random) backbone
+    assert {p.name: p.read_bytes() for p in root.glob("*.bin")} == shards  # nothing overwritten
+    manifest = json.loads((root / "manifest.json").read_text())
+    (root / "manifest.json").write_text(json.dumps({**manifest, "format": 1}))
+    with pytest.raises(ValueError, match="has format 1, written by another fpt_fast version.*preload again"):
+        store.FeatureStore(root)
+
+
+def test_a_store_preloaded_in_bfloat16_trains_on_a_cpu_only_machine(tmp_path):
+    """How the features were computed is the store's: training need not reproduce it."""
+    settings = tiny_settings(tmp_path, "train.epochs=1")
+    preload(settings.replace("model", frozen_dtype="bfloat16"), log=lambda _: None)  # as a GPU preloads
+    assert store.FeatureStore(tmp_path / "store").fingerprint["frozen_compute_dtype"] == "bfloat16"
+    assert train(settings, log=lambda _: None).history[0]["epoch"] == 1  # frozen_dtype auto: float32 here
+    with pytest.raises(ValueError, match="frozen_compute_dtype: store has 'bfloat16', this run has 'float32'"):
+        preload(settings, log=lambda _: None)  # continuing the store must compute alike

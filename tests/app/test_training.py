@@ -1,5 +1,6 @@
 """Training: resume equivalence, schedule, class weights, feature sources, the side network alone."""
 import csv
+import errno
 import math
 
 import numpy as np
@@ -11,7 +12,8 @@ from fpt_fast.app.build import build_model
 from fpt_fast.app.checkpoints import load_checkpoint
 from fpt_fast.app.evaluation import evaluate
 from fpt_fast.app.preloading import preload
-from fpt_fast.app.training import class_weight_tensor, train, warmup_cosine
+from fpt_fast.app.files import DiskFullError
+from fpt_fast.app.training import TrainingDiverged, class_weight_tensor, train, warmup_cosine
 from tiny_run import tiny_settings
 
 METRICS = ["train_loss", "train_acc", "val_acc", "val_f1", "val_auc", "val_precision", "val_recall",
@@ -136,3 +138,68 @@ def test_tensorboard_when_available_else_said(tmp_path):
     else:
         assert any((result.out_dir / "tensorboard").iterdir())
     assert result.best_epoch == 1  # no validation split: the last epoch is the best
+
+
+# Without a store, with fixed normalisation: the quickest runs.
+ONLINE = ("data.store=null", "data.mean=[0.5, 0.5, 0.5]", "data.std=[0.25, 0.25, 0.25]")
+NO_SUCH_PID = 2 ** 22 + 1  # above Linux's largest pid_max: no process has it
+
+
+def test_a_diverging_run_stops_naming_the_epoch_and_step_and_saves_nothing(tmp_path):
+    """lr 1e4 without clipping once finished with exit 0, "val auc ... *best" and a NaN best.pt."""
+    settings = tiny_settings(tmp_path, *ONLINE, "train.lr=1e4", "train.clip_grad_norm=null")
+    with pytest.raises(TrainingDiverged, match=r"training diverged in epoch 1: at step \d of 3 the gradient norm is "
+                                               r"(nan|inf).*no checkpoint was written.*train.clip_grad_norm"):
+        train(settings, **QUIET)
+    assert not (tmp_path / "run" / "best.pt").exists() and not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_a_nan_validation_metric_is_never_the_best(tmp_path, monkeypatch):
+    aucs = iter([math.nan, 0.6, math.nan, math.nan])
+    monkeypatch.setattr(training.Trainer, "validate",
+                        lambda self: {**{m: 0.5 for m in training.METRIC_ORDER}, "auc": next(aucs)})
+    result = train(tiny_settings(tmp_path, *ONLINE, "train.epochs=3"), **QUIET)
+    assert [row["best"] for row in result.history] == [0, 1, 0] and result.best_epoch == 2
+    assert load_checkpoint(result.out_dir / "best.pt")["epoch"] == 1
+    lines = []
+    none = train(tiny_settings(tmp_path, *ONLINE, "train.epochs=1", f"train.out_dir={tmp_path / 'none'}"),
+                 log=lines.append)
+    assert none.best_epoch == 0 and not (tmp_path / "none" / "best.pt").exists()
+    assert any("no epoch had a finite validation auc, so best.pt was not written" in line for line in lines)
+
+
+def test_a_run_in_out_dir_is_refused_unless_resumed_or_overwritten(tmp_path):
+    settings = tiny_settings(tmp_path, *ONLINE, "train.epochs=1", "train.val_split=null")
+    train(settings, **QUIET)
+    run = tmp_path / "run"
+    best = (run / "best.pt").read_bytes()
+    stale = run / f".last.pt.tmp-{NO_SUCH_PID}"
+    stale.write_bytes(b"left by a killed run")
+    with pytest.raises(ValueError, match=r"holds a run \(best.pt, last.pt, log.csv\): add --resume to continue it, "
+                                         r"--overwrite to replace it"):
+        train(settings, **QUIET)
+    assert (run / "best.pt").read_bytes() == best and not stale.exists()  # cleaned at the start
+    (run / "eval_test.json").write_text("{}")  # an evaluation of the run being replaced
+    train(settings.replace("train", seed=1), overwrite=True, **QUIET)
+    assert (run / "best.pt").read_bytes() != best and not (run / "eval_test.json").exists()
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        train(settings.replace("train", out_dir=str(run / "log.csv")), **QUIET)
+
+
+def test_a_full_disk_while_saving_names_the_file_and_a_resume_continues(tmp_path, monkeypatch):
+    settings = tiny_settings(tmp_path, *ONLINE, "train.epochs=2", "train.val_split=null")
+    save = torch.save
+
+    def full_in_epoch_2(obj, f, *args, **kwargs):
+        if obj["epoch"] == 1:
+            f.write(b"half a checkpoint")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        save(obj, f, *args, **kwargs)
+    monkeypatch.setattr(torch, "save", full_in_epoch_2)
+    with pytest.raises(DiskFullError, match=r"while writing .*best.pt \(nothing written before was lost.*free some "
+                                            r"space, then rerun with --resume"):
+        train(settings, **QUIET)
+    monkeypatch.undo()
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 0  # epoch 1's, intact
+    assert not [p for p in (tmp_path / "run").iterdir() if ".tmp-" in p.name]
+    assert [row["epoch"] for row in train(settings, resume=True, **QUIET).history] == [1, 2]

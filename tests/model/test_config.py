@@ -54,6 +54,16 @@ BAD = [
     (dict(frozen_dtype="float64"), "frozen_dtype"),
     (dict(frozen_chunk_size=0), "frozen_chunk_size"),
     (dict(dropout=1.0), "dropout"),
+    # Wrong types once became other values: "64" -> (6, 4), block 1.7 -> 1, True -> 1.
+    (dict(image_size="64"), "image_size"),
+    (dict(image_size=(64,)), "image_size"),
+    (dict(side_input_size=32.0), "side_input_size"),
+    (dict(image_size=(True, 48)), "image_size"),
+    (dict(extracted_layers=[1.7]), "extracted_layers"),
+    (dict(num_prompts=True), "num_prompts"),
+    (dict(token_ratio=True), "token_ratio"),
+    (dict(prompt_norm=1), "prompt_norm"),
+    (dict(checkpoint_path="no/such/file.pth"), "checkpoint_path"),
 ]
 
 

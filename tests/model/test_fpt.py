@@ -165,3 +165,42 @@ def test_fusion_and_side_compile_without_graph_breaks():
     features = model.extract(x_hi)
     compiled = torch.compile(model.forward_from_features, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(x_lo, features), model.forward_from_features(x_lo, features), atol=1e-5, rtol=1e-5)
+
+
+def bad_inputs(model, features):
+    """(name, call, error type, what the message must say): inputs that once reached timm or torch.
+    features: of a batch of 2."""
+    h, w = model.config.image_size
+    x_hi, x_lo = torch.randn(2, 3, h, w), torch.randn(2, 3, 32, 32)
+    return [
+        ("4 channels", lambda: model(torch.randn(2, 4, h, w)), ValueError, r"x_hi \(shape \(2, 4, 64, 48\)"),
+        ("rank 3", lambda: model(torch.randn(3, h, w)), ValueError, r"x_hi \(shape \(3, 64, 48\).*\(B, 3, height"),
+        ("uint8", lambda: model(x_hi.to(torch.uint8)), TypeError, r"x_hi .*torch.uint8.*must be a float tensor"),
+        ("float64", lambda: model(x_hi.double()), TypeError, r"x_hi .*torch.float64.*must be torch.float32"),
+        ("float16 on the CPU", lambda: model.extract(x_hi.half()), TypeError, r"x_hi .*torch.float16.*float32"),
+        ("size not divisible", lambda: model(torch.randn(2, 3, 60, w)), ValueError,
+         r"x_hi \(shape \(2, 3, 60, 48\).*configured size \(64, 48\)"),
+        ("size not the config's", lambda: model.extract(torch.randn(2, 3, w, h)), ValueError,
+         r"x_hi \(shape \(2, 3, 48, 64\).*configured size \(64, 48\)"),
+        ("numpy", lambda: model(x_hi.numpy()), TypeError, r"x_hi must be a torch.Tensor .*ndarray of shape"),
+        ("x_lo batch", lambda: model(x_hi, torch.randn(3, 3, 32, 32)), ValueError,
+         r"x_lo \(shape \(3, 3, 32, 32\).*batch size of x_hi \(2\)"),
+        ("x_lo not divisible", lambda: model.forward_from_features(torch.randn(2, 3, 30, 32), None), ValueError,
+         r"x_lo \(shape \(2, 3, 30, 32\).*divisible by the patch"),
+        ("x_lo float64", lambda: model(x_hi, x_lo.double()), TypeError, r"x_lo .*torch.float64"),
+        ("features batch", lambda: model.forward_from_features(x_lo[:1], features), ValueError,
+         r"features.keys \(shape \(3, 2, 2, 2, 32\).*\(3, 1, 2, 2, 32\)"),
+    ]
+
+
+def test_bad_inputs_are_named_before_timm_or_torch_run(monkeypatch):
+    model = build("fpt").eval()
+    cases = bad_inputs(model, model.extract(torch.randn(2, 3, *model.config.image_size)))
+
+    def never(*args, **kwargs):
+        raise AssertionError("a bad input reached the model's internals")
+    monkeypatch.setattr(model.frozen, "forward", never)
+    monkeypatch.setattr(model.learnable, "forward", never)
+    for name, call, error, message in cases:
+        with pytest.raises(error, match=message):
+            call()
