@@ -13,5 +13,6 @@ from .model import (FPT, FineGrainedFusion, FPTConfig, FPTTransforms, FrozenBran
                     SideViT, load_official_checkpoint)
 from .ops import backend_table, get_backend, set_backend, use_backend
 
-__all__ = ["FPT", "FPTConfig", "FPTTransforms", "FineGrainedFusion", "FrozenBranch", "FrozenFeatures", "LearnableBranch", "SideViT",
-           "load_official_checkpoint", "backend_table", "get_backend", "set_backend", "use_backend", "__version__"]
+__all__ = ["FPT", "FPTConfig", "FPTTransforms", "FineGrainedFusion", "FrozenBranch", "FrozenFeatures",
+           "LearnableBranch", "SideViT", "load_official_checkpoint", "backend_table", "get_backend", "set_backend",
+           "use_backend", "__version__"]

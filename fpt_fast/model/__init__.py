@@ -9,5 +9,5 @@ from .official import load_official_checkpoint
 from .preprocessing import FPTTransforms
 from .side import SideViT
 
-__all__ = ["FPT", "FPTConfig", "FineGrainedFusion", "FrozenBranch", "FrozenFeatures", "FPTTransforms", "LearnableBranch",
-           "SideViT", "load_official_checkpoint", "resize_images"]
+__all__ = ["FPT", "FPTConfig", "FPTTransforms", "FineGrainedFusion", "FrozenBranch", "FrozenFeatures",
+           "LearnableBranch", "SideViT", "load_official_checkpoint", "resize_images"]

@@ -62,9 +62,9 @@ def official_fusion_state(L, D, Ds, P):
     """A state_dict laid out as the official FusionModule's (FPT+): prompts (L, 1, P, D), a
     LayerNorm(D) and out_proj Linear(D -> Ds), with values away from any init."""
     g = torch.Generator().manual_seed(3)
-    return {"prompts": torch.randn(L, 1, P, D, generator=g), "layer_norm.weight": 1 + torch.randn(D, generator=g),
-            "layer_norm.bias": torch.randn(D, generator=g), "out_proj.weight": torch.randn(Ds, D, generator=g) / 8,
-            "out_proj.bias": torch.randn(Ds, generator=g)}
+    return {"prompts": torch.randn(L, 1, P, D, generator=g),
+            "layer_norm.weight": 1 + torch.randn(D, generator=g), "layer_norm.bias": torch.randn(D, generator=g),
+            "out_proj.weight": torch.randn(Ds, D, generator=g) / 8, "out_proj.bias": torch.randn(Ds, generator=g)}
 
 
 def test_official_fusion_state_dict_loads_strictly_and_computes_the_official_output():
