@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
@@ -30,19 +30,31 @@ PROVIDERS = ("timm_sdpa", "fpt_fast_fpt", "fpt_fast_fpt+", "reference_fpt", "ref
 
 
 class Extractors:
-    """The providers' callables over one set of frozen weights (FPT and FPT+ branches share them)."""
+    """The providers' callables over one set of frozen weights (FPT and FPT+ branches share them).
+    A frozen branch takes one input size (its position embeddings are resampled once, for it), so
+    the branches are built for the size of the input at hand, from the same seed (same weights),
+    and only the latest size's are kept (the resolution search visits many)."""
 
     def __init__(self, spec: tuple, device, base_res: int):
-        name, self.label, kwargs = spec
+        self.name, self.label, self.kwargs = spec
         self.device = torch.device(device)
-        with torch.device(self.device):
-            self.fpt = FrozenBranch(FPTConfig.preset("fpt", backbone=name, backbone_kwargs=dict(kwargs),
-                                                     image_size=base_res))
-            self.fpt_plus = FrozenBranch(FPTConfig.preset("fpt+", backbone=name, backbone_kwargs=dict(kwargs),
-                                                          image_size=base_res))
-        # Same weights in both branches, so every provider reads the same model.
-        self.fpt_plus.backbone.load_state_dict(self.fpt.backbone.state_dict(), strict=False)
-        self.dtype = self.fpt.compute_dtype(self.device)
+        self._size, self._branches = None, None
+        self.dtype = self.branches(base_res)[0].compute_dtype(self.device)
+
+    def branches(self, size) -> Tuple[FrozenBranch, FrozenBranch]:
+        """(FPT branch, FPT+ branch) for inputs of size (h, w) or size x size."""
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        if size != self._size:
+            self._branches = None  # free the previous size's models first
+            with torch.random.fork_rng(devices=[]), torch.device(self.device):
+                torch.manual_seed(0)
+                fpt, fpt_plus = (FrozenBranch(FPTConfig.preset(preset, backbone=self.name, image_size=size,
+                                                               backbone_kwargs=dict(self.kwargs)))
+                                 for preset in ("fpt", "fpt+"))
+            # Same weights in both branches, so every provider reads the same model.
+            fpt_plus.backbone.load_state_dict(fpt.backbone.state_dict(), strict=False)
+            self._size, self._branches = size, (fpt, fpt_plus)
+        return self._branches
 
     def _autocast(self):
         if self.dtype == torch.float32:
@@ -50,17 +62,17 @@ class Extractors:
         return torch.autocast(self.device.type, dtype=self.dtype)
 
     def fn(self, provider: str, x: torch.Tensor) -> Callable[[], object]:
+        fpt, fpt_plus = self.branches(x.shape[-2:])
         if provider == "timm_sdpa":
-            bb = self.fpt.backbone
+            bb = fpt.backbone
 
             def timm_forward():
                 with torch.no_grad(), self._autocast():
                     return bb.forward_features(x)
             return timm_forward
+        branch = fpt_plus if provider.endswith("+") else fpt
         if provider.startswith("fpt_fast"):
-            branch = self.fpt_plus if provider.endswith("+") else self.fpt
             return lambda: branch(x)
-        branch = self.fpt_plus if provider.endswith("+") else self.fpt
         cfg = branch.config
 
         def reference_forward():

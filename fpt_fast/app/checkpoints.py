@@ -98,7 +98,8 @@ def model_from_checkpoint(checkpoint: dict, settings: Settings) -> FPT:
         if digest != trained_with:
             raise ValueError(f"the frozen backbone differs from the one this checkpoint was trained with "
                              f"(weights sha256 {digest[:12]}... vs {trained_with[:12]}...): check "
-                             f"model.backbone, model.pretrained, model.checkpoint_path and train.seed")
+                             f"model.backbone, model.pretrained, model.checkpoint_path, train.seed, and the "
+                             f"position embeddings (model.pos_embed_resampling, model.image_size)")
     return model
 
 

@@ -3,14 +3,16 @@
 Layout: root/{train,val,test}/<class>/<image>; classes are the sorted sub-folder names of train/.
 Hidden files and folders (names starting with ".", such as .ipynb_checkpoints) are ignored in
 every split and in the folders given to predict; a class folder without images is an error.
-Every image is decoded to float32 RGB in [0, 1] (3, H, W): grayscale is repeated to three
-channels, alpha is dropped (like PIL's convert("RGB")), 16-bit images are divided by 65535.
+Every image is decoded to an 8-bit RGB PIL image (fpt_fast.model.preprocessing.as_rgb8): grayscale
+is repeated to three channels, alpha is dropped (PIL's convert("RGB"), as the official loader does),
+16-bit images are scaled to 8 bits.
 
-Two transforms per image (docs/method.md, sections 3 and 6):
-- frozen branch: resize to model.image_size, normalise; never augmented (so it can be preloaded).
-- side network: train: random resized crop to side_input_size, horizontal flip, colour jitter,
-  normalise; eval: resize to side_input_size, normalise.
-All resizes are bilinear with antialiasing (fpt_fast.model.resize_images, as FPT resizes its side input).
+Two transforms per image, the official ones (fpt_fast.model.preprocessing; docs/method.md, section 3):
+- frozen branch (FrozenTransform): PIL bilinear resize of the uint8 image to model.image_size,
+  normalise; never augmented (so it can be preloaded).
+- side network (SideTransform): train: horizontal flip, colour jitter, random resized crop to
+  side_input_size (in that order, on the PIL image), normalise; eval: resize to side_input_size,
+  normalise.
 
 Unreadable images follow one policy (BadImages): stop with a BadImageError naming the file, or
 (data.skip_bad_images) leave them out and list them at the end. Every DataLoader is made by
@@ -30,14 +32,11 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 from PIL import Image
-from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms import ColorJitter, RandomResizedCrop
 
-from ..model.fpt import RESIZE_METHOD, resize_images
+from ..model.preprocessing import FrozenTransform, SideTransform, as_rgb8, resize_to_tensor
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".gif")
-SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
 class BadImageError(ValueError):
@@ -78,26 +77,14 @@ def describe_left_out(messages: Sequence[str]) -> str:
 
 
 # --------------------------------------------------------------------------------- decoding
-def load_image(path: Union[str, Path]) -> Tensor:
-    """The image at path as float32 RGB in [0, 1], shape (3, H, W). BadImageError if unreadable."""
+def load_image(path: Union[str, Path]) -> Image.Image:
+    """The image at path as an 8-bit RGB PIL image (as_rgb8). BadImageError if unreadable."""
     try:
         with Image.open(path) as image:
             image.load()  # decode now: truncated or corrupt data fails here, not later
-            array = _rgb_array(image)
+            return as_rgb8(image)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise BadImageError(f"cannot read image {path}: {e}") from None
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
-
-
-def _rgb_array(image: Image.Image) -> np.ndarray:
-    """(H, W, 3) float32 in [0, 1] from any PIL mode."""
-    if image.mode in SIXTEEN_BIT_MODES:
-        gray = np.asarray(image, dtype=np.float32) / 65535.0
-        return np.repeat(np.clip(gray, 0.0, 1.0)[..., None], 3, axis=2)
-    if image.mode == "F":
-        gray = np.clip(np.asarray(image, dtype=np.float32), 0.0, 1.0)
-        return np.repeat(gray[..., None], 3, axis=2)
-    return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
 
 
 def is_hidden(name: str) -> bool:
@@ -195,64 +182,6 @@ class ImageList:
 
 
 # ------------------------------------------------------------------------------- transforms
-def _channel_tensor(values: Sequence[float], name: str) -> Tensor:
-    if len(values) != 3:
-        raise ValueError(f"{name} must have 3 (RGB) values, got {list(values)}")
-    return torch.tensor([float(v) for v in values], dtype=torch.float32).view(3, 1, 1)
-
-
-class FrozenTransform:
-    """Frozen-branch input: resize to size, normalise. (3, H, W) in [0, 1] -> (3, h, w) float32."""
-
-    def __init__(self, size: Tuple[int, int], mean: Sequence[float], std: Sequence[float]):
-        self.size = tuple(int(s) for s in size)
-        self.mean, self.std = _channel_tensor(mean, "mean"), _channel_tensor(std, "std")
-        if torch.any(self.std <= 0):
-            raise ValueError(f"std must be positive, got {self.std.flatten().tolist()}")
-
-    def __call__(self, image: Tensor) -> Tensor:
-        return (resize_images(image, self.size) - self.mean) / self.std
-
-    def description(self) -> dict:
-        """What determines this transform's output (part of the feature-store fingerprint)."""
-        return {"size": list(self.size), "resize": RESIZE_METHOD,
-                "mean": self.mean.flatten().tolist(), "std": self.std.flatten().tolist()}
-
-
-class SideTransform:
-    """Side-network input. train=True: random resized crop (area fraction crop_scale, aspect ratio
-    crop_ratio) to size, horizontal flip, colour jitter; train=False: resize. Then normalise.
-    (3, H, W) in [0, 1] -> (3, h, w) float32. Random draws use torch's global generator."""
-
-    def __init__(self, size: Tuple[int, int], mean: Sequence[float], std: Sequence[float], train: bool,
-                 hflip_prob: float = 0.5, brightness: float = 0.2, contrast: float = 0.2,
-                 saturation: float = 0.0, hue: float = 0.0, crop_scale: Sequence[float] = (0.8, 1.0),
-                 crop_ratio: Sequence[float] = (0.7, 1.3)):
-        self.size = tuple(int(s) for s in size)
-        self.mean, self.std = _channel_tensor(mean, "mean"), _channel_tensor(std, "std")
-        self.train = train
-        self.hflip_prob = hflip_prob
-        self.crop_scale, self.crop_ratio = tuple(crop_scale), tuple(crop_ratio)
-        if not (0 < self.crop_scale[0] <= self.crop_scale[1] and 0 < self.crop_ratio[0] <= self.crop_ratio[1]):
-            raise ValueError(f"data.crop_scale={list(crop_scale)} and data.crop_ratio={list(crop_ratio)} must "
-                             f"be increasing positive ranges")
-        self.jitter = None
-        if train and any(v > 0 for v in (brightness, contrast, saturation, hue)):
-            self.jitter = ColorJitter(brightness=brightness, contrast=contrast, saturation=saturation, hue=hue)
-
-    def __call__(self, image: Tensor) -> Tensor:
-        if not self.train:
-            return (resize_images(image, self.size) - self.mean) / self.std
-        # Crop first: flipping and jittering the small result is cheaper than the full image.
-        top, left, height, width = RandomResizedCrop.get_params(image, list(self.crop_scale), list(self.crop_ratio))
-        x = resize_images(image[:, top:top + height, left:left + width], self.size)
-        if torch.rand(()) < self.hflip_prob:
-            x = x.flip(-1)
-        if self.jitter is not None:
-            x = self.jitter(x)
-        return (x - self.mean) / self.std
-
-
 def side_transform(settings, size: Tuple[int, int], train: bool) -> SideTransform:
     """SideTransform from DataSettings: mean and std (numbers by now) and the augmentation keys."""
     return SideTransform(size, settings.mean, settings.std, train, hflip_prob=settings.hflip_prob,
@@ -372,7 +301,7 @@ class _PixelStatistics(Dataset):
 
     def __getitem__(self, position: int):
         try:
-            image = resize_images(load_image(self.split.path(position)), self.size).double()
+            image = resize_to_tensor(load_image(self.split.path(position)), self.size).double()
         except BadImageError as e:
             return BadSample(position, str(self.split.path(position)), str(e))
         return {"position": position, "label": self.split.samples[position].label,
@@ -381,7 +310,8 @@ class _PixelStatistics(Dataset):
 
 def compute_mean_std(split: ImageFolderSplit, size: Tuple[int, int], bad_images: BadImages, num_workers: int = 0,
                      group=None) -> Tuple[List[float], List[float]]:
-    """RGB mean and std of the split's pixels after resizing to size (the frozen input).
+    """RGB mean and std of the split's pixels after resizing to size, as the frozen input is
+    resized (resize_to_tensor; the official code's statistics are of the same pixels).
 
     group: the processes of a torchrun run (fpt_fast.app.distributed.Group) or None. Each process
     reads every world_size-th image; the per-image sums are gathered and added in position order

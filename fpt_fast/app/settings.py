@@ -35,15 +35,26 @@ DATASETS: Dict[str, dict] = {
     "messidor2": dict(model=dict(image_size=512, num_classes=5), train=dict(lr=2e-4),
                       data=dict(mean=[0.48436370491981506, 0.2238118201494217, 0.07583174854516983],
                                 std=[0.2939208149909973, 0.14721707999706268, 0.06350880116224289])),
+    "ddr": dict(model=dict(image_size=512, num_classes=5), train=dict(lr=5e-4),
+                data=dict(mean=[0.423737496137619, 0.2609460651874542, 0.128403902053833],
+                          std=[0.29482534527778625, 0.20167365670204163, 0.13668020069599152])),
+    "isic2016": dict(model=dict(image_size=512, num_classes=2), train=dict(lr=5e-3),
+                     data=dict(mean=[0.7243882417678833, 0.6187167167663574, 0.5664605498313904],
+                               std=[0.16384567320346832, 0.17090138792991638, 0.19106049835681915])),
     "isic2018": dict(model=dict(image_size=512, num_classes=7), train=dict(lr=1e-4),
                      data=dict(mean=[0.7635627388954163, 0.5466075539588928, 0.5707483291625977],
                                std=[0.1404101848602295, 0.15191355347633362, 0.1692335605621338])),
     "ddsm": dict(model=dict(image_size=512, num_classes=3), train=dict(lr=1e-3),
                  data=dict(mean=[0.2026701271533966] * 3, std=[0.22466830909252167] * 3)),
+    "cmmd": dict(model=dict(image_size=512, num_classes=2), train=dict(lr=5e-5),
+                 data=dict(mean=[0.16735267639160156] * 3, std=[0.18016798794269562] * 3)),
     "covid": dict(model=dict(image_size=512, num_classes=3), train=dict(lr=1e-4),
                   data=dict(mean=[0.498341828584671, 0.4986386299133301, 0.49894729256629944],
                             std=[0.2426202893257141, 0.24259139597415924, 0.242642343044281])),
+    "chncxr": dict(model=dict(image_size=512, num_classes=2), train=dict(lr=5e-4),
+                   data=dict(mean=[0.6105489] * 3, std=[0.25847816] * 3)),
 }
+DatasetName = Literal["messidor2", "ddr", "isic2016", "isic2018", "ddsm", "cmmd", "covid", "chncxr"]
 
 MeanStd = Union[Literal["auto"], Tuple[float, float, float]]
 
@@ -52,7 +63,8 @@ MeanStd = Union[Literal["auto"], Tuple[float, float, float]]
 class DataSettings:
     """Images, normalisation, side augmentation (official weak augmentation) and the feature store.
 
-    dataset: official template to start from (messidor2, isic2018, ddsm, covid) or None.
+    dataset: official template to start from (DATASETS: messidor2, ddr, isic2016, isic2018, ddsm,
+        cmmd, covid, chncxr) or None.
     root: folder with train/, val/, test/, each holding one sub-folder per class.
     mean, std: RGB normalisation of both branches, or "auto" (computed from the train split).
     store: preloaded feature store folder (written by ``preload``, read by ``train``/``evaluate``);
@@ -63,7 +75,7 @@ class DataSettings:
         training augmentation (horizontal flip, colour jitter, random resized crop).
     """
 
-    dataset: Optional[Literal["messidor2", "isic2018", "ddsm", "covid"]] = None
+    dataset: Optional[DatasetName] = None
     root: Optional[str] = None
     mean: MeanStd = "auto"
     std: MeanStd = "auto"
@@ -105,7 +117,8 @@ class TrainSettings:
     batch_size, eval_batch_size: images per process and step. Under torchrun with K processes the
         global (optimisation) batch is K * batch_size; lr is not scaled with it.
     device: as PreloadSettings.device.
-    warmup_epochs: linear warm-up length (fractional epochs allowed), then cosine decay to 0.
+    warmup_epochs: linear warm-up length (fractional epochs allowed), then cosine decay to 0;
+        0 (the official default) starts the cosine decay at the first step.
     class_weights: None, "balanced" (n_samples / (n_classes * n_class)) or one weight per class.
     amp: bf16 autocast on CUDA (ignored on the CPU).
     val_split: split used for model selection (None: the last epoch is kept as best).
@@ -119,7 +132,7 @@ class TrainSettings:
     eval_batch_size: int = 64
     lr: float = 2e-4
     weight_decay: float = 0.1
-    warmup_epochs: float = 1.0
+    warmup_epochs: float = 0.0
     clip_grad_norm: Optional[float] = 1.0
     class_weights: Union[None, Literal["balanced"], List[float]] = None
     seed: int = 0
@@ -347,14 +360,18 @@ FORMER_BACKEND_KEYS = ("attention_backend", "op_backend")
 def upgrade_saved_settings(tree: dict) -> dict:
     """Settings saved by an earlier version (in a checkpoint) in today's keys: model.attention_backend
     and model.op_backend become model.backend (the attention choice when it named one, else the op
-    choice). A copy; other keys are left for check_tree to judge."""
-    model = dict(tree.get("model") or {})
-    former = {key: model.pop(key) for key in FORMER_BACKEND_KEYS if key in model}
-    if not former:
+    choice); a model section without model.pos_embed_resampling was made when timm's rule resampled
+    the backbone's position embeddings and the backbone kept its own LayerNorm eps: it gets "timm"
+    and model.frozen_layer_norm_eps null. A copy; other keys are left for check_tree to judge."""
+    if not tree.get("model"):
         return tree
-    if "backend" not in model:
+    model = dict(tree["model"])
+    former = {key: model.pop(key) for key in FORMER_BACKEND_KEYS if key in model}
+    if former and "backend" not in model:
         attention = former.get("attention_backend", "auto")
         model["backend"] = attention if attention not in ("auto", "xformers") else former.get("op_backend", "auto")
+    model.setdefault("pos_embed_resampling", "timm")
+    model.setdefault("frozen_layer_norm_eps", None)
     return {**tree, "model": model}
 
 

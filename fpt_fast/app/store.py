@@ -44,7 +44,8 @@ the index in one atomic write. A resumed preload (with any number of processes) 
 files of the interrupted one in first, so each shard is computed once.
 
 The fingerprint records everything that determines the features (backbone, hash of its weights,
-input size, extracted layers, token ratio, importance, compute and stored dtypes, the transform);
+input size, position-embedding resampling rule, LayerNorm eps,
+extracted layers, token ratio, importance, compute and stored dtypes, the transform);
 opening a store with a different fingerprint is an error that names both sides. The dtypes the
 features were computed and stored in (STORE_PROPERTIES) are the store's own: a store written on a
 GPU (bfloat16 compute) trains on a CPU-only machine; only a preload continuing the store must match
@@ -172,6 +173,8 @@ def fingerprint(model, transform_description: dict, stored_dtype: str, device: t
         "backbone_kwargs": dict(config.backbone_kwargs),
         "backbone_sha256": backbone_sha256 or weights_sha256(model.frozen.backbone),
         "image_size": list(config.image_size),
+        "pos_embed_resampling": config.pos_embed_resampling,
+        "frozen_layer_norm_eps": config.frozen_layer_norm_eps,
         "extracted_layers": list(config.layers),
         "token_ratio": config.token_ratio,
         "num_selected": config.num_selected,

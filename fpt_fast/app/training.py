@@ -312,6 +312,7 @@ class Trainer:
 
     def _restore(self, checkpoint: dict) -> None:
         self.model.load_trainable_state_dict(checkpoint["model"])
+        self._check_optimizer_state(checkpoint["optimizer"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.scheduler.load_state_dict(checkpoint["scheduler"])
         self.history = list(checkpoint["history"])
@@ -319,6 +320,20 @@ class Trainer:
         self.start_epoch = checkpoint["epoch"] + 1
         set_rng_state(checkpoint["rng_ranks"][self.group.rank] if self.group.active else checkpoint["rng"])
         self.log(f"resuming {self.out_dir} after epoch {self.start_epoch} of {self.settings.train.epochs}")
+
+    def _check_optimizer_state(self, saved: dict) -> None:
+        """ValueError when last.pt's AdamW moments do not have the shapes of the parameters they
+        belong to (a last.pt of an earlier version whose parameters had other shapes): torch would
+        load them and fail at the first step."""
+        parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
+        for index, state in saved["state"].items():
+            wrong = [name for name, value in state.items()
+                     if torch.is_tensor(value) and value.dim() > 0 and value.shape != parameters[index].shape]
+            if wrong:
+                raise ValueError(f"cannot resume from {self.out_dir / 'last.pt'}: its optimizer state for parameter "
+                                 f"{index} has shape {tuple(state[wrong[0]].shape)}, the parameter "
+                                 f"{tuple(parameters[index].shape)} (written by an earlier version of fpt_fast); "
+                                 f"start a new run (--overwrite) or keep the version that wrote it")
 
     # ------------------------------------------------------------------- running
     def run(self) -> TrainResult:

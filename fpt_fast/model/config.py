@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import numbers
 import os
 from dataclasses import dataclass, field
@@ -20,6 +19,10 @@ from ..ops import IMPORTANCE_MODES, canonical_backend
 Size = Union[int, Tuple[int, int]]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Rules for resampling the frozen backbone's position embeddings (FPTConfig.pos_embed_resampling).
+POS_EMBED_RESAMPLING = ("official", "timm")
+# LayerNorm eps of the official code's HuggingFace ViTs (google/vit-base-patch16-384's config); timm's is 1e-6.
+HF_LAYER_NORM_EPS = 1e-12
 
 
 @dataclass(frozen=True)
@@ -96,10 +99,12 @@ PRESETS = {
     # docs/method.md, section 7. extracted_layers=None resolves to all blocks (FPT) or the second half (FPT+).
     "fpt": dict(num_prompts=16, side_reduction_ratio=8, prompt_reduction_ratio=8, prompt_norm=False,
                 prompt_proj=True, token_ratio=0.2, importance="global", side_input_size=224,
-                image_size=512, layer_selection="all"),
+                image_size=512, layer_selection="all", pos_embed_resampling="official",
+                frozen_layer_norm_eps=HF_LAYER_NORM_EPS),
     "fpt+": dict(num_prompts=16, side_reduction_ratio=8, prompt_reduction_ratio=1, prompt_norm=True,
                  prompt_proj=False, token_ratio=0.2, importance="global", side_input_size=128,
-                 image_size=512, layer_selection="second_half"),
+                 image_size=512, layer_selection="second_half", pos_embed_resampling="official",
+                 frozen_layer_norm_eps=HF_LAYER_NORM_EPS),
 }
 
 
@@ -120,11 +125,19 @@ class FPTConfig:
         prompt_reduction_ratio: prompt width = backbone width / this.
         prompt_norm: LayerNorm on the prompts before the cross-attention.
         prompt_proj: Linear(prompt width -> backbone width) on the prompts.
-        token_ratio: n = floor(N * token_ratio) tokens kept per (image, head, layer).
+        token_ratio: n = int(N * token_ratio) tokens kept per (image, head, layer).
         importance: "global" (mean attention over all queries) or "class_token".
         dropout: dropout probability on the fused prompts.
         pretrained: load timm's pretrained weights for the backbone (needs the model hub).
         checkpoint_path: load the backbone's weights from this local file instead.
+        pos_embed_resampling: how the backbone's position embeddings go from the grid its weights
+            were stored at to the grid of image_size (once, when the backbone is built):
+            "official" (the official FPT code's rule, docs/method.md section 3: bicubic,
+            align_corners=False, no antialiasing, scale factor (g + 0.1) / g0 per axis; untouched
+            at the stored grid) or "timm" (timm's antialiased bicubic resize to the grid).
+        frozen_layer_norm_eps: eps of every LayerNorm of the frozen backbone; None keeps the
+            backbone's own (timm: 1e-6). The presets use 1e-12, the official frozen model's (a
+            HuggingFace ViT).
         frozen_dtype: dtype the frozen branch computes in: None = bfloat16 on GPUs that support it,
             float32 otherwise.
         feature_dtype: dtype of the selected keys/values: None = the fusion's compute dtype.
@@ -137,7 +150,8 @@ class FPTConfig:
             every block materialises its N x N attention. See fpt_fast.backend_table().
     """
 
-    backbone: str = "vit_base_patch16_384"
+    # The official LPM: google/vit-base-patch16-384 (ImageNet-21k, fine-tuned on ImageNet-1k at 384 px).
+    backbone: str = "vit_base_patch16_384.orig_in21k_ft_in1k"
     backbone_kwargs: dict = field(default_factory=dict)
     num_classes: int = 2
     image_size: Size = 512
@@ -154,6 +168,8 @@ class FPTConfig:
     dropout: float = 0.5
     pretrained: bool = False
     checkpoint_path: Optional[str] = None
+    pos_embed_resampling: str = "official"
+    frozen_layer_norm_eps: Optional[float] = None
     frozen_dtype: Optional[str] = None
     feature_dtype: Optional[str] = None
     frozen_chunk_size: Optional[int] = None
@@ -222,7 +238,7 @@ class FPTConfig:
 
     @property
     def num_selected(self) -> int:
-        """n = floor(N * token_ratio)."""
+        """n = int(N * token_ratio)."""
         return num_selected_tokens(self.num_tokens, self.token_ratio)
 
     @property
@@ -281,8 +297,13 @@ class FPTConfig:
             bad("token_ratio", self.token_ratio, "a number in (0, 1]")
         if self.num_selected < 1:
             bad("token_ratio", self.token_ratio,
-                f"a ratio keeping n >= 1 of the N={self.num_tokens} tokens (n = floor(N * token_ratio) "
+                f"a ratio keeping n >= 1 of the N={self.num_tokens} tokens (n = int(N * token_ratio) "
                 f"= {self.num_selected})")
+        if self.pos_embed_resampling not in POS_EMBED_RESAMPLING:
+            bad("pos_embed_resampling", self.pos_embed_resampling, f"one of {POS_EMBED_RESAMPLING}")
+        eps = self.frozen_layer_norm_eps
+        if eps is not None and (isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1):
+            bad("frozen_layer_norm_eps", eps, "None or a number in (0, 1)")
         if self.importance not in IMPORTANCE_MODES:
             bad("importance", self.importance, f"one of {IMPORTANCE_MODES}")
         if self.importance == "class_token" and not info.has_class_token:
@@ -310,5 +331,6 @@ class FPTConfig:
 
 
 def num_selected_tokens(num_tokens: int, token_ratio: float) -> int:
-    """n = floor(N * token_ratio), robust to float rounding (0.2 * 1025 must give 205, not 204)."""
-    return int(math.floor(num_tokens * token_ratio + 1e-9))
+    """n = int(N * token_ratio): the float64 product truncated, as the official code computes it
+    (so N = 180 at 0.35 keeps 62: the product is 62.99999999999999)."""
+    return int(num_tokens * token_ratio)

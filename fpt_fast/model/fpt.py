@@ -13,13 +13,9 @@ from .frozen import FrozenBranch, FrozenFeatures
 from .fusion import FineGrainedFusion
 from .side import SideViT
 
-# What resize_images does, in the words the feature store's fingerprint records.
-RESIZE_METHOD = "bilinear-antialias"
-
-
 def resize_images(images: Tensor, size: Tuple[int, int]) -> Tensor:
     """Bilinear antialiased resize of (C, H, W) or (B, C, H, W) images to size (h, w). FPT makes the
-    side input from the frozen one this way, and fpt_fast.app's transforms resize with it."""
+    side input from the frozen one this way when no side input is given."""
     if tuple(images.shape[-2:]) == tuple(size):
         return images
     batched = images if images.dim() == 4 else images[None]
@@ -51,8 +47,12 @@ class LearnableBranch(nn.Module):
 class FPT(nn.Module):
     """Fine-grained Prompt Tuning (FPT / FPT+, by config).
 
-    forward(x_hi, x_lo=None): x_hi (B, 3, H_hi, W_hi) for the frozen branch, x_lo (B, 3, h, w) for
-    the side network (default: x_hi resized to config.side_input_size) -> logits (B, num_classes).
+    forward(x_hi, x_lo=None): x_hi (B, 3, *config.image_size) for the frozen branch, x_lo
+    (B, 3, h, w) for the side network -> logits (B, num_classes). The official side input is a
+    separate resize (or augmentation) of the original image: make both with fpt_fast.FPTTransforms.
+    Without x_lo, x_hi resized to config.side_input_size (resize_images, on the normalised tensor)
+    stands in: an approximation of the official side input, whose logits differ from the official
+    model's (docs/parity.md).
     extract(x_hi) -> FrozenFeatures(keys, values), each (L, B, H, n, d); storable ("preloading").
     forward_from_features(x_lo, features) -> logits, without running the frozen branch.
 
@@ -119,6 +119,8 @@ class FPT(nn.Module):
     def load_trainable_state_dict(self, state: Mapping[str, Tensor]) -> None:
         """Loads trainable_state_dict() output. ValueError naming the missing and unexpected keys,
         or the tensors whose shapes differ, before anything is loaded."""
+        state = dict(state)
+        FineGrainedFusion.upgrade_state_dict(state, "fusion.")  # prompts of earlier versions: (L, P, dp)
         expected = self.learnable.state_dict()
         missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
         if missing or unexpected:
@@ -206,6 +208,8 @@ class FPT(nn.Module):
         return self.learnable(x_lo, features)
 
     def forward(self, x_hi: Tensor, x_lo: Optional[Tensor] = None) -> Tensor:
+        """Logits (B, num_classes). x_lo None: x_hi resized to config.side_input_size, an
+        approximation of the official side input (see the class docstring)."""
         self._check_x_hi(x_hi)
         if x_lo is None:
             # The side input is x_hi resized: x_hi must suit the side network's weights as well.

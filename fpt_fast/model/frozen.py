@@ -1,6 +1,9 @@
 """The frozen branch: a timm ViT read at high resolution, stopped after the last extracted block,
 returning the selected keys and values of every extracted block (docs/method.md, section 2).
 
+The backbone is built at the grid its weights were stored at and fixed once to config.image_size:
+its position embeddings are resampled by config.pos_embed_resampling (docs/method.md, section 3).
+
 The blocks are timm's own modules. Non-extracted blocks run unchanged (timm's fused attention;
 its eager N x N attention with config.backend "reference"). Extracted blocks are run through the
 same submodules (norm1, attn.qkv, q_norm/k_norm, attn.proj, ls1, drop_path1, norm2, mlp, ls2,
@@ -11,14 +14,16 @@ Both ops of an extracted block run on config.backend, chosen by fpt_fast.ops' di
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
-from typing import List, NamedTuple, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
-from .config import DTYPES, FPTConfig, num_selected_tokens
+from .config import DTYPES, POS_EMBED_RESAMPLING, FPTConfig, num_selected_tokens
 
 BLOCK_PARTS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
 ATTENTION_PARTS = ("qkv", "num_heads", "head_dim", "q_norm", "k_norm", "proj", "proj_drop")
@@ -32,16 +37,128 @@ class FrozenFeatures(NamedTuple):
 
 
 def create_backbone(config: FPTConfig) -> nn.Module:
-    """The timm model named by config.backbone, with position embeddings resampled to
-    config.image_size (and to any other input size at run time: dynamic_img_size)."""
+    """The timm model named by config.backbone with its weights, built at the grid they were stored
+    at (so that neither timm's creation nor its checkpoint loading resamples the position
+    embeddings), then fixed to config.image_size by set_fixed_input_size with the rule
+    config.pos_embed_resampling; its LayerNorms get config.frozen_layer_norm_eps when set."""
     import timm
 
-    kwargs = dict(config.backbone_kwargs, num_classes=0, img_size=config.image_size, dynamic_img_size=True)
+    kwargs = dict(config.backbone_kwargs, num_classes=0)
     if config.checkpoint_path is not None:
-        # timm's pretrained loader reads the local file and adapts it (position-embedding resampling).
-        return timm.create_model(config.backbone, pretrained=True,
-                                 pretrained_cfg_overlay=dict(file=str(config.checkpoint_path)), **kwargs)
-    return timm.create_model(config.backbone, pretrained=config.pretrained, **kwargs)
+        grid = stored_checkpoint_grid(config.checkpoint_path, config)
+        if grid is not None and "img_size" not in kwargs:
+            ph, pw = config.backbone_info.patch_size
+            kwargs["img_size"] = (grid[0] * ph, grid[1] * pw)
+        # timm's pretrained loader reads the local file and adapts its format to the model.
+        backbone = timm.create_model(config.backbone, pretrained=True,
+                                     pretrained_cfg_overlay=dict(file=str(config.checkpoint_path)), **kwargs)
+    else:
+        backbone = timm.create_model(config.backbone, pretrained=config.pretrained, **kwargs)
+    set_fixed_input_size(backbone, config.image_size, config.pos_embed_resampling)
+    if config.frozen_layer_norm_eps is not None:
+        for module in backbone.modules():
+            if isinstance(module, nn.LayerNorm):
+                module.eps = float(config.frozen_layer_norm_eps)
+    return backbone
+
+
+def resample_position_embeddings(pos_embed: Tensor, stored_grid: Tuple[int, int], grid: Tuple[int, int],
+                                 num_prefix_tokens: int, rule: str) -> Tensor:
+    """Absolute position embeddings of the patch grid stored_grid (gh0, gw0) resampled for the grid
+    (gh, gw): (1, num_prefix_tokens + gh0 * gw0, D) -> (1, num_prefix_tokens + gh * gw, D), same dtype.
+    The prefix embeddings (class and register tokens) are kept as they are.
+
+    rule "official" (the official FPT code's, DINO's convention; docs/method.md, section 3):
+    bicubic, align_corners=False, no antialiasing, with the scale factor (g + 0.1) / g0 per axis:
+    the sampling positions follow that factor, not g / g0. Untouched at the stored grid (the
+    official code assumes a square stored grid; a non-square one is scaled per axis alike).
+    rule "timm": timm's resample_abs_pos_embed (antialiased bicubic resize to (gh, gw)).
+    """
+    stored_grid, grid = tuple(int(g) for g in stored_grid), tuple(int(g) for g in grid)
+    if rule == "timm":
+        from timm.layers import resample_abs_pos_embed
+
+        return resample_abs_pos_embed(pos_embed, list(grid), old_size=list(stored_grid),
+                                      num_prefix_tokens=num_prefix_tokens)
+    if rule != "official":
+        raise ValueError(f"rule={rule!r} is invalid: expected one of {POS_EMBED_RESAMPLING}")
+    if grid == stored_grid:
+        return pos_embed
+    prefix, patches = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+    dim = pos_embed.shape[-1]
+    image = patches.float().reshape(1, *stored_grid, dim).permute(0, 3, 1, 2)
+    scale = tuple((g + 0.1) / g0 for g, g0 in zip(grid, stored_grid))
+    image = F.interpolate(image, scale_factor=scale, mode="bicubic", align_corners=False)
+    if tuple(image.shape[-2:]) != grid:  # floor(g0 * (g + 0.1) / g0) is g; say so if it is not
+        raise ValueError(f"official position-embedding resampling of grid {stored_grid} gave "
+                         f"{tuple(image.shape[-2:])}, not {grid}")
+    patches = image.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], dim).to(pos_embed.dtype)
+    return torch.cat([prefix, patches], dim=1)
+
+
+def set_fixed_input_size(backbone: nn.Module, image_size: Tuple[int, int], rule: str) -> None:
+    """Fixes a timm ViT built at its stored grid to inputs of image_size (h, w): the patch embedding
+    takes that size, and the position embeddings (if it has absolute ones) are resampled once by
+    resample_position_embeddings with rule. In place."""
+    patch_embed = backbone.patch_embed
+    ph, pw = patch_embed.patch_size
+    stored_grid = tuple(patch_embed.grid_size)
+    grid = (int(image_size[0]) // ph, int(image_size[1]) // pw)
+    patch_embed.img_size = (int(image_size[0]), int(image_size[1]))
+    patch_embed.grid_size = grid
+    patch_embed.num_patches = grid[0] * grid[1]
+    pos_embed = getattr(backbone, "pos_embed", None)
+    if pos_embed is not None:
+        num_prefix = 0 if getattr(backbone, "no_embed_class", False) else backbone.num_prefix_tokens
+        with torch.no_grad():
+            resampled = resample_position_embeddings(pos_embed.data, stored_grid, grid, num_prefix, rule)
+        backbone.pos_embed = nn.Parameter(resampled, requires_grad=pos_embed.requires_grad)
+
+
+def stored_checkpoint_grid(path, config: FPTConfig) -> Optional[Tuple[int, int]]:
+    """The patch grid of the position embeddings in a timm-style checkpoint file (a key "pos_embed"
+    or ending in ".pos_embed"; .safetensors or torch.save): the first of the model's default grid,
+    the grid of config.image_size and a square grid whose size fits the stored token count. None
+    when the file holds no such key or no grid fits (timm's loader then adapts the file itself)."""
+    import timm
+
+    shape = _stored_pos_embed_shape(str(path))
+    if shape is None or len(shape) != 3:
+        return None
+    with torch.device("meta"):
+        probe = timm.create_model(config.backbone, pretrained=False, num_classes=0, **config.backbone_kwargs)
+    if getattr(probe, "pos_embed", None) is None:
+        return None
+    num_prefix = 0 if getattr(probe, "no_embed_class", False) else probe.num_prefix_tokens
+    patches = shape[1] - num_prefix
+    ph, pw = config.backbone_info.patch_size
+    side = math.isqrt(max(patches, 0))
+    candidates = (tuple(probe.patch_embed.grid_size), (config.image_size[0] // ph, config.image_size[1] // pw),
+                  (side, side))
+    return next((grid for grid in candidates if grid[0] * grid[1] == patches), None)
+
+
+def _stored_pos_embed_shape(path: str) -> Optional[Tuple[int, ...]]:
+    """Shape of the position embeddings stored in the file, read without loading the other tensors
+    where the format allows (safetensors header, memory-mapped torch zip files)."""
+    def pick(names):
+        return next((n for n in names if n == "pos_embed" or n.endswith(".pos_embed")), None)
+
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            name = pick(list(f.keys()))
+            return tuple(f.get_slice(name).get_shape()) if name else None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # not a zip file (legacy torch.save format): no memory map
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    name = pick(list(state)) if isinstance(state, dict) else None
+    return tuple(state[name].shape) if name else None
 
 
 def check_architecture(backbone: nn.Module, layers) -> None:
@@ -94,6 +211,10 @@ class FrozenBranch(nn.Module):
         if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[0] == 0:
             raise ValueError(f"images must be a non-empty (B, C, h, w) tensor, got "
                              f"{getattr(images, 'shape', type(images).__name__)}")
+        if tuple(images.shape[-2:]) != tuple(self.config.image_size):
+            # The position embeddings were resampled once, for config.image_size.
+            raise ValueError(f"images of size {tuple(images.shape[-2:])} given; the frozen branch takes "
+                             f"config.image_size {tuple(self.config.image_size)}")
         chunk = self.config.frozen_chunk_size or images.shape[0]
         parts = [self._extract(images[i:i + chunk]) for i in range(0, images.shape[0], chunk)]
         if len(parts) == 1:

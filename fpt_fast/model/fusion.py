@@ -11,7 +11,10 @@ from .. import ops
 
 
 class FineGrainedFusion(nn.Module):
-    """Drop-in for the official fusion module (same constructor arguments and state_dict keys).
+    """Drop-in for the official fusion module: same constructor keyword arguments, and the same
+    state_dict keys and shapes (prompts (L, 1, P, dp): the 1 broadcasts over the batch), so the
+    official module's state_dict loads with strict=True. state_dicts of earlier fpt_fast versions,
+    with prompts (L, P, dp), load too.
 
     Args:
         num_layers: L, number of extracted layers.
@@ -44,15 +47,28 @@ class FineGrainedFusion(nn.Module):
         self.p_dropout = p_dropout
         self.backend = backend
         # N(0, 1e-6^2): the prompts start as (almost) nothing, so the side network starts as a plain ViT.
-        self.prompts = nn.Parameter(torch.randn(num_layers, num_prompts, prompt_dim) * 1e-6)
+        self.prompts = nn.Parameter(torch.randn(num_layers, 1, num_prompts, prompt_dim) * 1e-6)
         self.layer_norm = nn.LayerNorm(prompt_dim) if prompt_norm else None
         self.prompt_proj = nn.Linear(prompt_dim, in_dim) if prompt_proj else None
         self.out_proj = nn.Linear(in_dim, out_dim)
         self.dropout = nn.Dropout(p_dropout)
+        self._register_load_state_dict_pre_hook(self._upgrade_state_dict)
+
+    @staticmethod
+    def upgrade_state_dict(state_dict, prefix: str = "") -> None:
+        """Reshapes, in place, prompts of the earlier fpt_fast layout (L, P, dp) under prefix to
+        today's (L, 1, P, dp)."""
+        key = prefix + "prompts"
+        prompts = state_dict.get(key)
+        if isinstance(prompts, Tensor) and prompts.dim() == 3:
+            state_dict[key] = prompts[:, None]
+
+    def _upgrade_state_dict(self, state_dict, prefix, *args) -> None:
+        self.upgrade_state_dict(state_dict, prefix)
 
     def queries(self) -> Tensor:
         """The prompts as attention queries: (L, H, P, D / H)."""
-        x = self.prompts
+        x = self.prompts[:, 0]
         if self.layer_norm is not None:
             x = self.layer_norm(x)
         if self.prompt_proj is not None:
@@ -67,7 +83,7 @@ class FineGrainedFusion(nn.Module):
         dtype = keys.dtype if keys.element_size() < q.element_size() else q.dtype
         context = ops.prompt_attention(q.to(dtype), keys.to(dtype), values.to(dtype),
                                        backend=self.backend).to(q.dtype)
-        raw = self.prompts[:, None]                                      # (L, 1, P, dp)
+        raw = self.prompts                                               # (L, 1, P, dp)
         if raw.shape[-1] == context.shape[-1]:
             fused = self.out_proj(context + raw.to(context.dtype))
         else:

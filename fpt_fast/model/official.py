@@ -8,7 +8,7 @@ comes from the FPTConfig (model.backbone / pretrained / checkpoint_path) as alwa
 Assumed key names (official -> fpt_fast), after an optional "module." prefix (DataParallel) and an
 optional "vit." inside the side encoder:
 
-    fusion_module.prompts (L, 1, P, dp)                        fusion.prompts (L, P, dp)
+    fusion_module.prompts (L, 1, P, dp)                        fusion.prompts (L, 1, P, dp)
     fusion_module.layer_norm.{weight,bias}                     fusion.layer_norm.*        (FPT+)
     fusion_module.prompt_proj.{weight,bias}                    fusion.prompt_proj.*       (FPT)
     fusion_module.out_proj.{weight,bias}                       fusion.out_proj.*
@@ -41,10 +41,9 @@ from typing import Dict, Mapping, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from .config import FPTConfig
+from .config import HF_LAYER_NORM_EPS, FPTConfig
 from .fpt import FPT
 
-HF_LAYER_NORM_EPS = 1e-12
 # Parts of an official encoder layer -> the timm Block submodule holding the same weights.
 LAYER_PARTS = {
     "layernorm_before": "norm1",
@@ -99,9 +98,6 @@ def convert_official_state_dict(official: Mapping[str, Tensor]) -> Dict[str, Ten
             part = key[len("fusion_module."):]
             if part not in FUSION_PARTS:
                 unknown.append(raw_key)
-            elif part == "prompts":
-                converted["fusion.prompts"] = value.reshape(value.shape[0], -1, value.shape[-1]) \
-                    if value.dim() == 4 else value
             else:
                 converted[f"fusion.{part}"] = value
             continue
@@ -146,7 +142,8 @@ def load_official_checkpoint(source: Union[str, Path, Mapping[str, Tensor]], con
         source: path of the official state_dict (.pth/.pt via torch.load(weights_only=True), or
             .safetensors), or the state_dict itself.
         config: the FPTConfig matching the official run (preset, backbone, num_classes, sizes);
-            the frozen backbone is built from it.
+            the frozen backbone is built from it. The presets resample its position embeddings by
+            the official rule and give it the official LayerNorm eps, as the official model did.
         layer_norm_eps: eps given to the side network's LayerNorms (HuggingFace ViT: 1e-12);
             None keeps timm's 1e-6.
 
@@ -185,7 +182,7 @@ def official_state_dict(model: FPT, vit_prefix: bool = True) -> Dict[str, Tensor
     for name, value in model.trainable_state_dict().items():
         part, key = name.split(".", 1)  # "fusion" or "side", then the key inside that module
         if part == "fusion":
-            out[f"fusion_module.{key}"] = value[:, None].clone() if key == "prompts" else value.clone()
+            out[f"fusion_module.{key}"] = value.clone()
             continue
         if key in inverse_side:
             theirs = inverse_side[key]

@@ -66,18 +66,18 @@ def fusion_forward(fusion, keys: Tensor, values: Tensor) -> Tensor:
     fusion: an fpt_fast.FineGrainedFusion (its parameters are used). keys, values: (L, B, H, n, d).
     Returns (L, B, P, out_dim).
     """
-    E = fusion.prompts                                               # (L, P, dp)
-    L, P, dp = E.shape
-    q = fusion.layer_norm(E) if fusion.layer_norm is not None else E
+    E = fusion.prompts                                               # (L, 1, P, dp)
+    L, _, P, dp = E.shape
+    q = fusion.layer_norm(E[:, 0]) if fusion.layer_norm is not None else E[:, 0]
     q = fusion.prompt_proj(q) if fusion.prompt_proj is not None else q  # (L, P, D)
     H = keys.shape[2]
     d = q.shape[-1] // H
     q = q.reshape(L, P, H, d).transpose(1, 2)                         # (L, H, P, d)
     c = prompt_attention(q, keys.to(q.dtype), values.to(q.dtype))     # (L, B, P, D)
     if dp == c.shape[-1]:
-        fused = fusion.out_proj(c + E[:, None])
+        fused = fusion.out_proj(c + E)
     else:
-        fused = fusion.out_proj(c) + E[:, None]
+        fused = fusion.out_proj(c) + E
     return F.dropout(fused, fusion.p_dropout, fusion.training)
 
 

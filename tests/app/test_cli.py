@@ -5,11 +5,17 @@ import subprocess
 import sys
 from importlib.metadata import entry_points
 
+import numpy as np
 import pytest
+import torch
 import yaml
+from PIL import Image
 
 from fpt_fast.app import demo
 from fpt_fast.app.cli import main
+from fpt_fast.app.store import FeatureStore
+from fpt_fast.model.reference import extract_features
+from helpers import TINY, assert_same_rows, official_resampling
 from tiny_run import make_data, tiny_overrides
 
 
@@ -75,6 +81,45 @@ def test_preload_train_evaluate_predict(run, tmp_path, capsys):
     assert main(predict + ["--output", str(output), "--overwrite"]) == 0
     assert main(["train", "-c", str(config), "--set", "train.epochs=1"]) == 2
     assert "holds a run (best.pt, last.pt, log.csv): add --resume" in capsys.readouterr().err
+
+
+def test_preloaded_features_above_the_stored_grid_are_the_official_ones(run, tmp_path):
+    """The CLI's preload of PNG files at (256, 240), above the backbone's stored 224 px grid, equals
+    a reference path built here from the official formulas: PIL's bilinear resize of the 8-bit
+    image, normalisation, position embeddings resampled by the official rule (helpers), LayerNorm
+    eps 1e-12, timm's eager forward and n = int(N * token_ratio) tokens by mean attention."""
+    import timm
+
+    config, root = run
+    torch.manual_seed(5)
+    stored = timm.create_model(TINY["backbone"], num_classes=0, **TINY["backbone_kwargs"])  # grid 14 x 14
+    checkpoint = tmp_path / "backbone.pth"
+    torch.save(stored.state_dict(), checkpoint)
+    mean, std = [0.45, 0.5, 0.55], [0.2, 0.25, 0.3]
+    assert main(["preload", "-c", str(config), "--no-progress", "--set", "model.image_size=[256, 240]",
+                 "--set", f"model.checkpoint_path={checkpoint}", "--set", "preload.dtype=float32",
+                 "--set", "preload.splits=[train]", "--set", f"data.mean={mean}", "--set", f"data.std={std}"]) == 0
+    split = FeatureStore(tmp_path / "store").split("train")
+
+    state = dict(stored.state_dict(), pos_embed=official_resampling(stored.pos_embed.detach(), 1, (14, 14), (16, 15)))
+    backbone = timm.create_model(TINY["backbone"], num_classes=0, img_size=(256, 240), **TINY["backbone_kwargs"])
+    backbone.load_state_dict(state)
+    backbone.eval()
+    for module in backbone.modules():  # the official frozen model is a HuggingFace ViT: eps 1e-12
+        if isinstance(module, torch.nn.LayerNorm):
+            module.eps = 1e-12
+    paths = sorted((root / "train").rglob("*.png"))
+    pixels = [np.asarray(Image.open(p).convert("RGB").resize((240, 256), Image.BILINEAR), np.float32) / 255
+              for p in paths]
+    x = (torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2) - torch.tensor(mean).view(3, 1, 1)) \
+        / torch.tensor(std).view(3, 1, 1)
+    n = int((1 + 16 * 15) * 0.2)
+    keys, values = extract_features(backbone, x, [0, 1, 2], n, "global")        # (L, B, H, n, d)
+    for position in range(len(paths)):
+        stored_keys, stored_values = split.read(position)
+        assert stored_keys.shape == (3, 2, n, 32)
+        assert_same_rows(stored_keys, keys[:, position], atol=1e-4)
+        assert_same_rows(stored_values, values[:, position], atol=1e-4)
 
 
 def test_print_config_shows_the_resolved_settings(run, capsys):

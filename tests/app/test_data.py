@@ -1,11 +1,11 @@
-"""Image decoding, the ImageFolder layout, the two transforms, datasets and mean/std."""
+"""Image decoding, the ImageFolder layout, datasets and mean/std (the transforms: tests/model/test_preprocessing.py)."""
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from fpt_fast.app import data, demo
-from fpt_fast.model import resize_images
+from fpt_fast.model.preprocessing import resize_to_tensor
 
 
 def save(path, array):
@@ -15,26 +15,27 @@ def save(path, array):
     return path
 
 
-def test_image_modes_decode_to_rgb_in_unit_range(tmp_path):
+def test_image_modes_decode_to_8_bit_rgb(tmp_path):
     rng = np.random.default_rng(0)
     gray = rng.integers(0, 256, (9, 7), dtype=np.uint8)
     rgba = rng.integers(0, 256, (9, 7, 4), dtype=np.uint8)
     deep = rng.integers(0, 65536, (9, 7), dtype=np.uint16)
 
-    x = data.load_image(save(tmp_path / "gray.png", gray))
-    assert x.shape == (3, 9, 7) and x.dtype == torch.float32
-    torch.testing.assert_close(x, torch.from_numpy(gray / 255.0).float().expand(3, 9, 7))
+    def pixels(path):
+        image = data.load_image(path)
+        assert isinstance(image, Image.Image) and image.mode == "RGB"
+        return np.asarray(image)
 
-    x = data.load_image(save(tmp_path / "rgba.png", rgba))
-    torch.testing.assert_close(x, torch.from_numpy(rgba[..., :3] / 255.0).float().permute(2, 0, 1))
-
+    np.testing.assert_array_equal(pixels(save(tmp_path / "gray.png", gray)), np.repeat(gray[..., None], 3, axis=2))
+    np.testing.assert_array_equal(pixels(save(tmp_path / "rgba.png", rgba)), rgba[..., :3])
     path = save(tmp_path / "deep.png", deep)
     assert Image.open(path).mode.startswith("I")
-    torch.testing.assert_close(data.load_image(path), torch.from_numpy(deep / 65535.0).float().expand(3, 9, 7))
-
+    # 16 bits scaled to 8 (PIL's convert("RGB") would clip everything above 255 to white).
+    expected = np.floor(deep.astype(np.float64) * 255 / 65535 + 0.5).astype(np.uint8)
+    np.testing.assert_array_equal(pixels(path), np.repeat(expected[..., None], 3, axis=2))
     palette = Image.fromarray(gray).convert("P")
     palette.save(tmp_path / "palette.png")
-    assert data.load_image(tmp_path / "palette.png").shape == (3, 9, 7)
+    assert pixels(tmp_path / "palette.png").shape == (9, 7, 3)
 
 
 def test_unreadable_images_raise_naming_the_file(tmp_path):
@@ -63,34 +64,6 @@ def test_image_folder_layout(tmp_path):
         data.ImageFolderSplit(root, "holdout", split.classes)
     with pytest.raises(FileNotFoundError, match="no train/ folder"):
         data.find_classes(tmp_path)
-
-
-def test_frozen_transform_resizes_and_normalises():
-    image = torch.rand(3, 100, 80)
-    transform = data.FrozenTransform((64, 48), [0.5, 0.4, 0.3], [0.2, 0.25, 0.3])
-    out = transform(image)
-    assert out.shape == (3, 64, 48)
-    expected = (resize_images(image, (64, 48)) - torch.tensor([0.5, 0.4, 0.3]).view(3, 1, 1)) / \
-        torch.tensor([0.2, 0.25, 0.3]).view(3, 1, 1)
-    torch.testing.assert_close(out, expected)
-    assert transform.description()["mean"] == pytest.approx([0.5, 0.4, 0.3])
-    with pytest.raises(ValueError, match="std must be positive"):
-        data.FrozenTransform((64, 48), [0.5] * 3, [0.2, 0.0, 0.3])
-    with pytest.raises(ValueError, match="3 \\(RGB\\) values"):
-        data.FrozenTransform((64, 48), [0.5] * 2, [0.2] * 3)
-
-
-def test_side_transform_train_is_random_and_eval_is_a_resize():
-    image = torch.rand(3, 90, 120)
-    train = data.SideTransform((32, 32), [0.5] * 3, [0.25] * 3, train=True)
-    evaluation = data.SideTransform((32, 32), [0.5] * 3, [0.25] * 3, train=False)
-    torch.manual_seed(0)
-    a = train(image)
-    torch.manual_seed(0)
-    b = train(image)
-    c = train(image)
-    assert a.shape == (3, 32, 32) and torch.equal(a, b) and not torch.equal(b, c)
-    torch.testing.assert_close(evaluation(image), (resize_images(image, (32, 32)) - 0.5) / 0.25)
 
 
 def test_dataset_augmentation_depends_only_on_seed_epoch_and_position(tmp_path):
@@ -125,9 +98,11 @@ def test_mean_std_of_the_train_split(tmp_path):
     split = data.ImageFolderSplit(root, "train")
     bad_images = data.BadImages(skip=False)
     mean, std = data.compute_mean_std(split, (64, 64), bad_images)
-    pixels = torch.stack([resize_images(data.load_image(split.path(i)), (64, 64)) for i in range(len(split))])
-    torch.testing.assert_close(torch.tensor(mean), pixels.double().mean(dim=(0, 2, 3)).float())
-    torch.testing.assert_close(torch.tensor(std), pixels.double().std(dim=(0, 2, 3), unbiased=False).float())
+    # The frozen input's pixels before normalisation: PIL's bilinear resize of the 8-bit image.
+    pixels = torch.stack([torch.from_numpy(np.asarray(Image.open(split.path(i)).convert("RGB").resize(
+        (64, 64), Image.BILINEAR), dtype=np.float64) / 255).permute(2, 0, 1) for i in range(len(split))])
+    torch.testing.assert_close(torch.tensor(mean), pixels.mean(dim=(0, 2, 3)).float())
+    torch.testing.assert_close(torch.tensor(std), pixels.std(dim=(0, 2, 3), unbiased=False).float())
     assert bad_images.messages == []
     # An unreadable image stops the computation, or is left out of it (and listed) when skipping.
     (root / "train" / "vertical" / "vertical_0001.png").write_bytes(b"\x89PNG broken")
@@ -135,7 +110,7 @@ def test_mean_std_of_the_train_split(tmp_path):
         data.compute_mean_std(split, (64, 64), data.BadImages(skip=False))
     skipping = data.BadImages(skip=True)
     mean, _ = data.compute_mean_std(split, (64, 64), skipping)
-    torch.testing.assert_close(torch.tensor(mean), pixels[:-1].double().mean(dim=(0, 2, 3)).float())
+    torch.testing.assert_close(torch.tensor(mean), pixels[:-1].mean(dim=(0, 2, 3)).float())
     assert len(skipping.messages) == 1 and "vertical_0001.png" in skipping.messages[0]
 
 
@@ -169,10 +144,9 @@ def test_loader_batches_in_order_and_sets_bad_items_apart(tmp_path):
 
 def test_demo_texture_vanishes_at_the_side_resolution_only():
     # Same random draws, different class: only the period-2 texture differs.
-    images = [torch.from_numpy(demo.make_image(np.random.default_rng(7), label)).permute(2, 0, 1).float() / 255
-              for label in range(len(demo.CLASSES))]
-    full = max((images[0] - other).abs().max().item() for other in images[1:])
-    low = [resize_images(x, (demo.SIDE_SIZE, demo.SIDE_SIZE)) for x in images]
+    images = [Image.fromarray(demo.make_image(np.random.default_rng(7), label)) for label in range(len(demo.CLASSES))]
+    full = max(np.abs(np.asarray(images[0], np.float64) - np.asarray(other)).max() / 255 for other in images[1:])
+    low = [resize_to_tensor(x, (demo.SIDE_SIZE, demo.SIDE_SIZE)) for x in images]  # the side input's resize
     side = max((low[0] - other).abs().max().item() for other in low[1:])
     side_mean = max((low[0] - other).abs().mean().item() for other in low[1:])
     assert full > 1.5 * demo.TEXTURE_AMPLITUDE

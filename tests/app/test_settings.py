@@ -23,6 +23,8 @@ def test_defaults_are_the_official_fpt_plus():
     assert settings.model["pretrained"] is True and settings.model["num_classes"] is None
     assert (settings.train.epochs, settings.train.batch_size, settings.train.lr) == (20, 16, 2e-4)
     assert settings.train.clip_grad_norm == 1.0 and settings.train.selection_metric == "auc"
+    assert settings.train.warmup_epochs == 0  # the official schedule: cosine from the first step
+    assert settings.model["pos_embed_resampling"] == "official"
     assert settings.preload.dtype == "bfloat16"
 
 
@@ -37,12 +39,16 @@ def test_preset_template_file_and_overrides_layer_in_order(tmp_path):
     assert settings.data.num_workers == 0
 
 
-@pytest.mark.parametrize("dataset,classes,lr", [("messidor2", 5, 2e-4), ("isic2018", 7, 1e-4),
-                                                ("ddsm", 3, 1e-3), ("covid", 3, 1e-4)])
-def test_dataset_templates(dataset, classes, lr):
+# The official configs/dataset/*.yaml: classes, learning rate and the red channel's mean.
+@pytest.mark.parametrize("dataset,classes,lr,red_mean", [
+    ("messidor2", 5, 2e-4, 0.48436370491981506), ("ddr", 5, 5e-4, 0.423737496137619),
+    ("isic2016", 2, 5e-3, 0.7243882417678833), ("isic2018", 7, 1e-4, 0.7635627388954163),
+    ("ddsm", 3, 1e-3, 0.2026701271533966), ("cmmd", 2, 5e-5, 0.16735267639160156),
+    ("covid", 3, 1e-4, 0.498341828584671), ("chncxr", 2, 5e-4, 0.6105489)])
+def test_dataset_templates(dataset, classes, lr, red_mean):
     settings = load_settings(None, [f"data.dataset={dataset}"])
     assert settings.model["num_classes"] == classes and settings.train.lr == lr
-    assert settings.model["image_size"] == 512
+    assert settings.model["image_size"] == 512 and settings.data.mean[0] == red_mean
     assert len(settings.data.mean) == len(settings.data.std) == 3
 
 
@@ -174,11 +180,15 @@ def test_shipped_configs_load(path):
 def test_saved_settings_of_the_former_backend_keys_are_upgraded():
     from fpt_fast.app.settings import upgrade_saved_settings
 
+    # Saved before model.pos_embed_resampling existed: timm's rule resampled the backbone then.
+    earlier = {"pos_embed_resampling": "timm", "frozen_layer_norm_eps": None}
     saved = {"model": {"attention_backend": "sdpa", "op_backend": "triton", "num_classes": 3}, "train": {}}
-    assert upgrade_saved_settings(saved)["model"] == {"backend": "sdpa", "num_classes": 3}
+    assert upgrade_saved_settings(saved)["model"] == {"backend": "sdpa", "num_classes": 3, **earlier}
     saved = {"model": {"attention_backend": "auto", "op_backend": "torch"}}
-    assert upgrade_saved_settings(saved)["model"] == {"backend": "torch"}
-    assert upgrade_saved_settings({"model": {"backend": "native"}}) == {"model": {"backend": "native"}}
+    assert upgrade_saved_settings(saved)["model"] == {"backend": "torch", **earlier}
+    assert upgrade_saved_settings({"model": {"backend": "native"}}) == {"model": {"backend": "native", **earlier}}
+    today = {"model": {"backend": "native", "pos_embed_resampling": "official", "frozen_layer_norm_eps": 1e-12}}
+    assert upgrade_saved_settings(today) == today
 
 
 def test_a_former_backend_key_in_a_file_names_its_successor():

@@ -203,3 +203,17 @@ def test_a_full_disk_while_saving_names_the_file_and_a_resume_continues(tmp_path
     assert load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 0  # epoch 1's, intact
     assert not [p for p in (tmp_path / "run").iterdir() if ".tmp-" in p.name]
     assert [row["epoch"] for row in train(settings, resume=True, **QUIET).history] == [1, 2]
+
+
+def test_resuming_from_a_last_pt_with_optimizer_state_of_other_shapes_is_refused(tmp_path):
+    """A last.pt of an earlier version (the prompts were (L, P, dp) then) is named, not crashed on."""
+    settings = tiny_settings(tmp_path, "train.epochs=2", "data.store=null", "train.val_split=null")
+    run = settings.replace("train", epochs=1)
+    train(run, **QUIET)
+    last = tmp_path / "run" / "last.pt"
+    checkpoint = torch.load(last, weights_only=True)
+    state = checkpoint["optimizer"]["state"][0]
+    state["exp_avg"] = state["exp_avg"].reshape(-1)
+    torch.save(checkpoint, last)
+    with pytest.raises(ValueError, match="optimizer state for parameter 0 has shape"):
+        train(settings, resume=True, **QUIET)

@@ -15,8 +15,28 @@ def test_presets_follow_the_spec():
     assert fpt.side_input_size == (224, 224) and plus.side_input_size == (128, 128)
     assert fpt.image_size == plus.image_size == (512, 512)
     assert fpt.token_ratio == plus.token_ratio == 0.2 and fpt.importance == plus.importance == "global"
-    # ViT-B/16 at 512: N = 1 + 32 * 32 = 1025, n = floor(0.2 * 1025) = 205
+    # ViT-B/16 at 512: N = 1 + 32 * 32 = 1025, n = int(1025 * 0.2) = 205
     assert fpt.num_tokens == 1025 and fpt.num_selected == 205
+    assert fpt.pos_embed_resampling == plus.pos_embed_resampling == "official"
+    assert fpt.frozen_layer_norm_eps == plus.frozen_layer_norm_eps == 1e-12  # the official HuggingFace ViT's
+    # The official LPM, google/vit-base-patch16-384, is the default backbone.
+    assert FPTConfig().backbone == "vit_base_patch16_384.orig_in21k_ft_in1k"
+
+
+# (N, ratio, n): n is the float64 product N * ratio truncated (the official int(N * token_ratio)),
+# written here as exact rational arithmetic on the double the product rounds to.
+@pytest.mark.parametrize("num_tokens, ratio", [(180, 0.35), (1025, 0.2), (577, 0.2), (145, 0.2), (100, 0.07),
+                                               (1000, 0.29), (65, 0.3), (2049, 0.1), (13, 1.0), (4097, 0.15)])
+def test_num_selected_truncates_the_float_product_as_the_official_code(num_tokens, ratio):
+    from fractions import Fraction
+
+    from fpt_fast.model.config import num_selected_tokens
+
+    product = Fraction(num_tokens * ratio)  # the double N * ratio, exactly
+    expected = product.numerator // product.denominator
+    assert num_selected_tokens(num_tokens, ratio) == expected
+    if (num_tokens, ratio) == (180, 0.35):
+        assert expected == 62  # 62.99999999999999: one fewer than floor(N * r + 1e-9)
 
 
 def test_overrides_and_non_square():
@@ -64,6 +84,8 @@ BAD = [
     (dict(token_ratio=True), "token_ratio"),
     (dict(prompt_norm=1), "prompt_norm"),
     (dict(checkpoint_path="no/such/file.pth"), "checkpoint_path"),
+    (dict(pos_embed_resampling="bilinear"), "pos_embed_resampling"),
+    (dict(frozen_layer_norm_eps=0.0), "frozen_layer_norm_eps"),
 ]
 
 

@@ -102,6 +102,9 @@ def test_trainable_state_round_trip_and_mismatches_named():
         other.load_trainable_state_dict({**state, "side.head.weight": torch.zeros(4, 16)})
     after = other.trainable_state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # nothing loaded by the failed calls
+    # Earlier fpt_fast checkpoints hold the prompts as (L, P, dp), without the official batch axis.
+    other.load_trainable_state_dict({**state, "fusion.prompts": state["fusion.prompts"][:, 0]})
+    assert torch.equal(other.fusion.prompts, model.fusion.prompts)
 
 
 def test_side_only_forward_is_the_plain_side_vit():

@@ -1,11 +1,13 @@
-"""The frozen branch: extraction equals the reference's, early exit, chunking, no autograd."""
+"""The frozen branch: extraction equals the reference's, early exit, chunking, no autograd, and the
+position embeddings resampled once from the stored grid by the official formula (written out here)."""
 import contextlib
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from fpt_fast import FPTConfig, FrozenBranch, reference
-from helpers import TINY, assert_same_rows, tiny_config
+from helpers import TINY, assert_same_rows, official_resampling, tiny_config
 
 
 def extract_both(cfg, x):
@@ -89,6 +91,16 @@ def test_bad_images():
         frozen(torch.randn(0, 3, 64, 48))
 
 
+def test_layer_norm_eps_of_the_official_frozen_model():
+    """The presets normalise as the official (HuggingFace) ViT, eps 1e-12; None keeps timm's 1e-6."""
+    def eps_values(**overrides):
+        backbone = FrozenBranch(tiny_config("fpt", **overrides)).backbone
+        return {m.eps for m in backbone.modules() if isinstance(m, torch.nn.LayerNorm)}
+
+    assert eps_values() == {1e-12}
+    assert eps_values(frozen_layer_norm_eps=None) == {1e-6}
+
+
 def test_local_checkpoint_is_loaded(tmp_path):
     cfg = tiny_config("fpt")
     torch.manual_seed(0)
@@ -105,11 +117,14 @@ def test_local_checkpoint_is_loaded(tmp_path):
 MEMORY_PROBE = """
 import resource, sys, torch
 from fpt_fast import FPTConfig, FrozenBranch
+def frozen_branch(size):
+    return FrozenBranch(FPTConfig.preset("fpt", backbone="vit_tiny_patch16_224", image_size=size, side_input_size=32,
+                                         backbone_kwargs=dict(depth=1, embed_dim=64, num_heads=2),
+                                         extracted_layers=[0]))
 size = int(sys.argv[1])
-cfg = FPTConfig.preset("fpt", backbone="vit_tiny_patch16_224", image_size=size, side_input_size=32,
-                       backbone_kwargs=dict(depth=1, embed_dim=64, num_heads=2), extracted_layers=[0])
-frozen = FrozenBranch(cfg)
-frozen(torch.randn(1, 3, 64, 64))  # warm up allocator and kernels at a small size
+cfg = frozen_branch(size).config
+frozen_branch(64)(torch.randn(1, 3, 64, 64))  # warm up allocator and kernels at a small size
+frozen = frozen_branch(size)
 x = torch.randn(1, 3, size, size)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 out = frozen(x)
@@ -210,3 +225,48 @@ def test_a_named_backend_runs_every_op_of_the_extracted_blocks(monkeypatch):
     assert all(block.attn.fused_attn for block in frozen.backbone.blocks)
     frozen(torch.randn(1, 3, 64, 48))
     assert seen == [("attention_with_importance", "torch"), ("select_tokens", "torch")]
+
+
+# ------------------------------------------------------------------ position-embedding resampling
+@pytest.mark.parametrize("stored, grid, num_prefix", [
+    ((14, 14), (16, 15), 1), ((24, 24), (32, 32), 1), ((14, 14), (4, 3), 1), ((14, 14), (9, 20), 5),
+    ((14, 14), (14, 14), 1), ((6, 4), (9, 7), 0), ((6, 4), (3, 5), 1), ((24, 24), (18, 32), 1)])
+def test_official_position_embedding_rule_matches_the_formula(stored, grid, num_prefix):
+    from fpt_fast.model.frozen import resample_position_embeddings
+
+    pos_embed = torch.randn(1, num_prefix + stored[0] * stored[1], 8, generator=torch.Generator().manual_seed(0))
+    out = resample_position_embeddings(pos_embed, stored, grid, num_prefix, "official")
+    assert out.shape == (1, num_prefix + grid[0] * grid[1], 8)
+    torch.testing.assert_close(out, official_resampling(pos_embed, num_prefix, stored, grid), atol=2e-5, rtol=1e-5)
+    assert torch.equal(out[:, :num_prefix], pos_embed[:, :num_prefix])  # class / register tokens kept
+    if grid != stored:
+        # Neither a plain resize to the grid (sampling at g0 / g) nor timm's antialiased rule.
+        patches = pos_embed[:, num_prefix:].reshape(1, *stored, 8).permute(0, 3, 1, 2)
+        plain = F.interpolate(patches, size=grid, mode="bicubic", align_corners=False).permute(0, 2, 3, 1)
+        assert (plain.reshape(1, -1, 8) - out[:, num_prefix:]).abs().max() > 1e-3
+        timm_rule = resample_position_embeddings(pos_embed, stored, grid, num_prefix, "timm")
+        assert (timm_rule - out).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("stored_size, rule", [(224, "official"), (128, "official"), (224, "timm")])
+def test_backbone_is_loaded_at_its_stored_grid_and_resampled_once(tmp_path, stored_size, rule):
+    """A checkpoint stored at grid 14 (the model's default) or 8 reaches the frozen branch at
+    (256, 240) (grid 16 x 15) through one resampling of the stored embeddings, by the rule."""
+    import timm
+    from timm.layers import resample_abs_pos_embed
+
+    torch.manual_seed(0)
+    stored = timm.create_model(TINY["backbone"], num_classes=0, img_size=stored_size, **TINY["backbone_kwargs"])
+    path = tmp_path / "backbone.pth"
+    torch.save(stored.state_dict(), path)
+    cfg = tiny_config("fpt", image_size=(256, 240), checkpoint_path=str(path), pos_embed_resampling=rule)
+    backbone = FrozenBranch(cfg).backbone
+    grid = (stored_size // 16,) * 2
+    if rule == "official":
+        expected = official_resampling(stored.pos_embed.detach(), 1, grid, (16, 15))
+    else:
+        expected = resample_abs_pos_embed(stored.pos_embed.detach(), [16, 15], old_size=list(grid))
+    torch.testing.assert_close(backbone.pos_embed.detach(), expected, atol=2e-5, rtol=1e-5)
+    assert not backbone.pos_embed.requires_grad
+    with pytest.raises(ValueError, match=r"config.image_size \(256, 240\)"):
+        FrozenBranch(cfg)(torch.randn(1, 3, 224, 224))

@@ -1,4 +1,6 @@
 """FineGrainedFusion against the reference fusion, and its drop-in contract."""
+import math
+
 import pytest
 import torch
 
@@ -50,10 +52,47 @@ def test_official_state_dict_keys_and_init():
     fusion = FineGrainedFusion(12, 768, 96, 12, 16, prompt_dim=96, prompt_norm=False, prompt_proj=True)
     keys = set(fusion.state_dict())
     assert keys == {"prompts", "prompt_proj.weight", "prompt_proj.bias", "out_proj.weight", "out_proj.bias"}
-    assert fusion.prompts.shape == (12, 16, 96)
+    assert fusion.prompts.shape == (12, 1, 16, 96)
     assert fusion.prompts.abs().max() < 1e-4  # N(0, 1e-6^2)
     plus = FineGrainedFusion(6, 768, 96, 12, 16)
     assert set(plus.state_dict()) == {"prompts", "layer_norm.weight", "layer_norm.bias", "out_proj.weight", "out_proj.bias"}
+
+
+def official_fusion_state(L, D, Ds, P):
+    """A state_dict laid out as the official FusionModule's (FPT+): prompts (L, 1, P, D), a
+    LayerNorm(D) and out_proj Linear(D -> Ds), with values away from any init."""
+    g = torch.Generator().manual_seed(3)
+    return {"prompts": torch.randn(L, 1, P, D, generator=g),
+            "layer_norm.weight": 1 + torch.randn(D, generator=g), "layer_norm.bias": torch.randn(D, generator=g),
+            "out_proj.weight": torch.randn(Ds, D, generator=g) / 8, "out_proj.bias": torch.randn(Ds, generator=g)}
+
+
+def test_official_fusion_state_dict_loads_strictly_and_computes_the_official_output():
+    L, D, Ds, H, P = 3, 64, 8, 2, 5
+    state = official_fusion_state(L, D, Ds, P)
+    # The official module's constructor arguments, by keyword.
+    fusion = FineGrainedFusion(num_layers=L, in_dim=D, out_dim=Ds, num_heads=H, num_prompts=P, p_dropout=0.5)
+    fusion.load_state_dict(state, strict=True)
+    fusion.eval()
+    keys, values = features(L=L, H=H, d=D // H)
+    # The official forward, written out: LayerNorm'd prompts query each head; raw prompts added back.
+    prompts = state["prompts"].expand(-1, keys.shape[1], -1, -1)                 # (L, B, P, D)
+    q = torch.nn.functional.layer_norm(prompts, (D,), state["layer_norm.weight"], state["layer_norm.bias"])
+    q = q.view(L, -1, P, H, D // H).permute(0, 1, 3, 2, 4)
+    context = ((q @ keys.transpose(-1, -2)) / math.sqrt(D // H)).softmax(-1) @ values
+    context = context.permute(0, 1, 3, 2, 4).reshape(L, -1, P, D)
+    expected = (context + prompts) @ state["out_proj.weight"].T + state["out_proj.bias"]
+    torch.testing.assert_close(fusion(keys, values), expected, atol=1e-4, rtol=1e-4)
+    assert {k: tuple(v.shape) for k, v in fusion.state_dict().items()} == {k: tuple(v.shape) for k, v in state.items()}
+
+
+def test_earlier_prompt_layout_still_loads():
+    """fpt_fast checkpoints written before the official layout hold prompts (L, P, dp)."""
+    state = official_fusion_state(3, 64, 8, 5)
+    earlier = dict(state, prompts=state["prompts"][:, 0])
+    fusion = FineGrainedFusion(3, 64, 8, 2, 5)
+    fusion.load_state_dict(earlier, strict=True)
+    assert torch.equal(fusion.prompts, state["prompts"])
 
 
 def test_bf16_features_are_accepted():

@@ -1,0 +1,131 @@
+"""The two inputs of an FPT made from one PIL image, as the official FPT code makes them
+(docs/method.md, section 3), so that ``model(x_hi, x_lo)`` sees what the official model sees:
+
+    transforms = fpt_fast.FPTTransforms(config, mean, std)          # train=True: augmented side input
+    x_hi, x_lo = transforms(Image.open(path))                       # (3, H, W), (3, h, w) float32
+    logits = model(x_hi[None], x_lo[None])
+
+- frozen input (FrozenTransform): the 8-bit RGB image resized with PIL's bilinear filter
+  (torchvision's Resize on a PIL image), then scaled to [0, 1] and normalised. Never augmented.
+- side input (SideTransform), a separate transform of the same original image: for evaluation a
+  resize to the side size; for training a horizontal flip, then colour jitter on the full image,
+  then a random resized crop to the side size, in that order; then scaled and normalised.
+
+Images of other modes are first made 8-bit RGB (as_rgb8). Random draws come from torch's global
+generator, in the official order, so the same seed gives the official augmentation.
+"""
+from __future__ import annotations
+
+from typing import Sequence, Tuple
+
+import numpy as np
+from PIL import Image
+from torch import Tensor
+from torchvision import transforms as T
+
+from .config import FPTConfig
+
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+# How FrozenTransform resizes, in the words the feature store's fingerprint records.
+FROZEN_RESIZE = "pil-bilinear-uint8"
+
+
+def as_rgb8(image: Image.Image) -> Image.Image:
+    """An 8-bit RGB PIL image of any PIL image: grayscale is repeated to three channels, alpha is
+    dropped and palettes are expanded (PIL's convert("RGB"), as the official loader does); 16-bit
+    and 32-bit integer images are scaled from [0, 65535] to [0, 255] and floating-point ones from
+    [0, 1], both clipped and rounded (PIL's own conversion would clip them at 255 instead)."""
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"image must be a PIL.Image.Image, got {type(image).__name__}")
+    if image.mode == "RGB":
+        return image
+    if image.mode in SIXTEEN_BIT_MODES or image.mode == "F":
+        top = 1.0 if image.mode == "F" else 65535.0
+        gray = np.clip(np.asarray(image, dtype=np.float64), 0.0, top) * (255.0 / top)
+        image = Image.fromarray(np.rint(gray).astype(np.uint8))
+    return image.convert("RGB")
+
+
+def _channel_values(values: Sequence[float], name: str) -> Tuple[float, float, float]:
+    values = [float(v) for v in values]
+    if len(values) != 3:
+        raise ValueError(f"{name} must have 3 (RGB) values, got {values}")
+    return tuple(values)
+
+
+def _size(size) -> Tuple[int, int]:
+    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def resize_to_tensor(image: Image.Image, size: Tuple[int, int]) -> Tensor:
+    """The image (any mode, made 8-bit RGB) resized to size (h, w) with PIL's bilinear filter on the
+    uint8 pixels, as float32 (3, h, w) in [0, 1]: the frozen input before normalisation."""
+    return T.functional.to_tensor(T.functional.resize(as_rgb8(image), list(_size(size))))
+
+
+class FrozenTransform:
+    """Frozen-branch input: PIL image -> resize to size (PIL bilinear, uint8) -> [0, 1] -> normalise.
+    Returns float32 (3, h, w)."""
+
+    def __init__(self, size, mean: Sequence[float], std: Sequence[float]):
+        self.size = _size(size)
+        self.mean, self.std = _channel_values(mean, "mean"), _channel_values(std, "std")
+        if min(self.std) <= 0:
+            raise ValueError(f"std must be positive, got {list(self.std)}")
+        self.normalize = T.Normalize(self.mean, self.std)
+
+    def __call__(self, image: Image.Image) -> Tensor:
+        return self.normalize(resize_to_tensor(image, self.size))
+
+    def description(self) -> dict:
+        """What determines this transform's output (part of the feature-store fingerprint)."""
+        return {"size": list(self.size), "resize": FROZEN_RESIZE, "mean": list(self.mean), "std": list(self.std)}
+
+
+class SideTransform:
+    """Side-network input: PIL image -> float32 (3, h, w), normalised.
+
+    train=False: resize to size (PIL bilinear). train=True, in this order: horizontal flip with
+    probability hflip_prob; colour jitter (brightness, contrast, saturation, hue) of the full
+    image; random resized crop (area fraction crop_scale, aspect ratio crop_ratio) resized to size.
+    Random draws use torch's global generator, in the official order.
+    """
+
+    def __init__(self, size, mean: Sequence[float], std: Sequence[float], train: bool,
+                 hflip_prob: float = 0.5, brightness: float = 0.2, contrast: float = 0.2,
+                 saturation: float = 0.0, hue: float = 0.0, crop_scale: Sequence[float] = (0.8, 1.0),
+                 crop_ratio: Sequence[float] = (0.7, 1.3)):
+        self.size = _size(size)
+        self.train = train
+        normalise = FrozenTransform(self.size, mean, std).normalize
+        crop_scale, crop_ratio = tuple(crop_scale), tuple(crop_ratio)
+        if not (len(crop_scale) == len(crop_ratio) == 2 and 0 < crop_scale[0] <= crop_scale[1]
+                and 0 < crop_ratio[0] <= crop_ratio[1]):
+            raise ValueError(f"crop_scale={list(crop_scale)} and crop_ratio={list(crop_ratio)} must be "
+                             f"increasing positive ranges (data.crop_scale, data.crop_ratio)")
+        if not train:
+            steps = [T.Resize(list(self.size))]
+        else:
+            # The official code wraps jitter and crop in RandomApply(p=1): each draws one number
+            # more, which keeps the random stream (and so a seeded augmentation) the official one.
+            steps = [T.RandomHorizontalFlip(hflip_prob),
+                     T.RandomApply([T.ColorJitter(brightness, contrast, saturation, hue)], p=1.0),
+                     T.RandomApply([T.RandomResizedCrop(list(self.size), crop_scale, crop_ratio)], p=1.0)]
+        self.transform = T.Compose([as_rgb8, *steps, T.ToTensor(), normalise])
+
+    def __call__(self, image: Image.Image) -> Tensor:
+        return self.transform(image)
+
+
+class FPTTransforms:
+    """Both inputs of an FPT from one PIL image: (x_hi, x_lo) = (frozen input (3, *config.image_size),
+    side input (3, *config.side_input_size)), float32, normalised with the dataset's mean and std.
+    train=True augments the side input (keyword arguments: SideTransform's augmentation settings)."""
+
+    def __init__(self, config: FPTConfig, mean: Sequence[float], std: Sequence[float], train: bool = False,
+                 **augmentation):
+        self.frozen = FrozenTransform(config.image_size, mean, std)
+        self.side = SideTransform(config.side_input_size, mean, std, train, **augmentation)
+
+    def __call__(self, image: Image.Image) -> Tuple[Tensor, Tensor]:
+        return self.frozen(image), self.side(image)

@@ -1,0 +1,118 @@
+"""The official preprocessing (docs/method.md, section 3) against oracles written here: PIL's own
+bilinear resize for the frozen and evaluation inputs, and the training augmentation drawn step by
+step in the official order (flip, then colour jitter on the full image, then random resized crop)."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms import ColorJitter, RandomResizedCrop
+from torchvision.transforms import functional as TF
+
+from fpt_fast import FPTTransforms
+from fpt_fast.model.preprocessing import FrozenTransform, SideTransform, as_rgb8
+from helpers import tiny_config
+
+MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
+
+
+def photo(height=75, width=61, seed=0):
+    """A smooth RGB image with fine noise: resizing filters give visibly different results on it."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width] / max(height, width)
+    smooth = np.stack([np.sin(6 * yy + c) * np.cos(4 * xx - c) for c in range(3)], axis=-1)
+    pixels = 127.5 + 90 * smooth + rng.normal(0, 20, (height, width, 3))
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def normalised(image, mean=MEAN, std=STD):
+    """(3, h, w) float32 of an 8-bit RGB PIL image: [0, 1], then (x - mean) / std per channel."""
+    x = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255.0
+    return torch.from_numpy((x - np.float32(mean)[:, None, None]) / np.float32(std)[:, None, None])
+
+
+def test_frozen_input_is_the_pil_bilinear_resize_of_the_uint8_image():
+    image = photo()
+    out = FrozenTransform((48, 40), MEAN, STD)(image)
+    assert out.shape == (3, 48, 40) and out.dtype == torch.float32
+    torch.testing.assert_close(out, normalised(image.resize((40, 48), Image.BILINEAR)), atol=1e-6, rtol=0)
+    # Resizing the float image with torch instead (fpt_fast's former frozen input) is not the same.
+    from fpt_fast.model import resize_images
+    tensor_resize = (resize_images(normalised(image, [0] * 3, [1] * 3), (48, 40)) - torch.tensor(MEAN)[:, None, None]) \
+        / torch.tensor(STD)[:, None, None]
+    assert (tensor_resize - out).abs().max() > 1e-3
+
+
+def test_side_input_for_evaluation_is_a_separate_resize():
+    image = photo()
+    out = SideTransform((16, 24), MEAN, STD, train=False)(image)
+    torch.testing.assert_close(out, normalised(image.resize((24, 16), Image.BILINEAR)), atol=1e-6, rtol=0)
+
+
+def official_order(image, seed, size, brightness=0.2, contrast=0.2, flip=0.5, scale=(0.8, 1.0), ratio=(0.7, 1.3)):
+    """The official training side input, drawn step by step: flip with probability flip; colour
+    jitter of the full image (one draw of the always-applied wrapper, then the jitter's order and
+    factors); random resized crop (one wrapper draw, then the crop box) to size; normalise."""
+    torch.manual_seed(seed)
+    if torch.rand(1) < flip:
+        image = image.transpose(Image.FLIP_LEFT_RIGHT)
+    torch.rand(1)
+    order, b, c, _, _ = ColorJitter.get_params((1 - brightness, 1 + brightness), (1 - contrast, 1 + contrast),
+                                               None, None)
+    for step in order.tolist():
+        if step == 0:
+            image = TF.adjust_brightness(image, b)
+        elif step == 1:
+            image = TF.adjust_contrast(image, c)
+    torch.rand(1)
+    top, left, height, width = RandomResizedCrop.get_params(image, list(scale), list(ratio))
+    image = image.crop((left, top, left + width, top + height)).resize((size[1], size[0]), Image.BILINEAR)
+    return normalised(image)
+
+
+def crop_first(image, seed, size):
+    """fpt_fast's former order (crop, then flip and jitter the small crop), for contrast."""
+    torch.manual_seed(seed)
+    top, left, height, width = RandomResizedCrop.get_params(image, [0.8, 1.0], [0.7, 1.3])
+    image = image.crop((left, top, left + width, top + height)).resize((size[1], size[0]), Image.BILINEAR)
+    if torch.rand(1) < 0.5:
+        image = image.transpose(Image.FLIP_LEFT_RIGHT)
+    _, b, c, _, _ = ColorJitter.get_params((0.8, 1.2), (0.8, 1.2), None, None)
+    return normalised(TF.adjust_contrast(TF.adjust_brightness(image, b), c))
+
+
+def test_training_side_input_flips_then_jitters_the_full_image_then_crops():
+    image = photo(90, 70)
+    side = SideTransform((24, 20), MEAN, STD, train=True)
+    flipped = 0
+    for seed in range(6):
+        torch.manual_seed(seed)
+        out = side(image)
+        torch.testing.assert_close(out, official_order(image, seed, (24, 20)), atol=1e-6, rtol=0)
+        assert (out - crop_first(image, seed, (24, 20))).abs().max() > 1e-2
+        torch.manual_seed(seed)
+        flipped += bool(torch.rand(1) < 0.5)
+    assert 0 < flipped < 6  # both branches of the flip were checked
+
+
+def test_other_image_modes_become_8_bit_rgb():
+    gray = np.arange(12, dtype=np.uint8).reshape(3, 4) * 20
+    assert np.array_equal(np.asarray(as_rgb8(Image.fromarray(gray))), np.repeat(gray[..., None], 3, axis=2))
+    floats = Image.fromarray(np.array([[-0.5, 0.0, 0.5, 1.0, 2.0]], dtype=np.float32))
+    assert np.asarray(as_rgb8(floats))[0, :, 0].tolist() == [0, 0, 128, 255, 255]
+    with pytest.raises(TypeError, match="PIL.Image.Image, got Tensor"):
+        FrozenTransform((16, 16), MEAN, STD)(torch.rand(3, 16, 16))
+
+
+def test_the_pair_of_inputs_for_a_model():
+    config = tiny_config("fpt+")
+    transforms = FPTTransforms(config, MEAN, STD)
+    x_hi, x_lo = transforms(photo())
+    assert x_hi.shape == (3, *config.image_size) and x_lo.shape == (3, *config.side_input_size)
+    torch.testing.assert_close(x_hi, FrozenTransform(config.image_size, MEAN, STD)(photo()))
+    torch.manual_seed(0)
+    augmented = FPTTransforms(config, MEAN, STD, train=True, hflip_prob=1.0)(photo())[1]
+    assert augmented.shape == x_lo.shape and not torch.equal(augmented, x_lo)
+    with pytest.raises(ValueError, match="std must be positive"):
+        FPTTransforms(config, MEAN, [0.2, 0.0, 0.3])
+    with pytest.raises(ValueError, match="3 \\(RGB\\) values"):
+        FPTTransforms(config, [0.5] * 2, STD)
