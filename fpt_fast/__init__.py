@@ -9,9 +9,10 @@ data, feature store, training, CLI).
 """
 __version__ = "0.1.0"
 
-from .model import (FPT, FineGrainedFusion, FPTConfig, FrozenBranch, FrozenFeatures, LearnableBranch, SideViT,
-                    load_official_checkpoint)
+from .model import (FPT, FeaturesWithScores, FineGrainedFusion, FPTConfig, FrozenBranch, FrozenFeatures,
+                    LearnableBranch, SideViT, load_official_checkpoint)
 from .ops import backend_table, get_backend, set_backend, use_backend
 
-__all__ = ["FPT", "FPTConfig", "FineGrainedFusion", "FrozenBranch", "FrozenFeatures", "LearnableBranch", "SideViT",
-           "load_official_checkpoint", "backend_table", "get_backend", "set_backend", "use_backend", "__version__"]
+__all__ = ["FPT", "FPTConfig", "FeaturesWithScores", "FineGrainedFusion", "FrozenBranch", "FrozenFeatures",
+           "LearnableBranch", "SideViT", "load_official_checkpoint", "backend_table", "get_backend", "set_backend",
+           "use_backend", "__version__"]

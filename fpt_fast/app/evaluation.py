@@ -20,6 +20,7 @@ from .console import Log, Progress
 from .data import (BadImages, FPTDataset, ImageFolderSplit, ImageList, describe_left_out, list_images, make_loader,
                    side_transform)
 from .distributed import local_device
+from .explain import ExplanationWriter, check_explainable, explain_batches
 from .files import atomic_write_csv, atomic_write_json
 from .metrics import METRIC_ORDER, classification_metrics, pme, ppe
 from .settings import Settings
@@ -159,9 +160,10 @@ def format_evaluation(result: EvalResult) -> str:
 
 # ------------------------------------------------------------------------------- predict
 def predict(settings: Settings, checkpoint_path: Union[str, Path], images: Union[str, Path],
-            output: Union[str, Path], log: Log = print) -> List[dict]:
+            output: Union[str, Path], log: Log = print, explain_dir: Optional[Union[str, Path]] = None) -> List[dict]:
     """Per-image predictions of a checkpoint for every image under a folder, written as CSV
-    (path, prediction, confidence, one probability column per class)."""
+    (path, prediction, confidence, one probability column per class). explain_dir: also write each
+    image's explanation figure and maps there, from the same pass (fpt_fast.app.explain)."""
     checkpoint = load_checkpoint(checkpoint_path)
     data, opts = settings.data, settings.train
     device = local_device(opts.device)
@@ -173,13 +175,21 @@ def predict(settings: Settings, checkpoint_path: Union[str, Path], images: Union
     side_only = is_side_only(checkpoint)
     side = side_transform(data, model.config.side_input_size, train=False)
     image_list = ImageList(images, paths)
+    writer = None
+    if explain_dir is not None:
+        check_explainable(checkpoint, checkpoint_path)
+        writer = ExplanationWriter(explain_dir, image_list, model.config, classes=classes)
     dataset = FPTDataset(image_list, side, None if side_only else frozen_transform(settings, model))
     place_model(model, device, features_online=not side_only)
     bad_images = BadImages(data.skip_bad_images)
     loader = make_loader(dataset, opts.eval_batch_size, data.num_workers, device)
-    positions, _, probabilities = predict_probabilities(model, loader, device, side_only,
-                                                        opts.amp and device.type == "cuda", bad_images,
-                                                        opts.progress, "predict")
+    if writer is None:
+        positions, _, probabilities = predict_probabilities(model, loader, device, side_only,
+                                                            opts.amp and device.type == "cuda", bad_images,
+                                                            opts.progress, "predict")
+    else:
+        positions, probabilities = explain_batches(model, loader, device, writer, settings, bad_images,
+                                                   with_predictions=True)
     rows = []
     for position, probs in zip(positions, probabilities):
         best = int(np.argmax(probs))
@@ -189,6 +199,8 @@ def predict(settings: Settings, checkpoint_path: Union[str, Path], images: Union
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_csv(output, rows, ["path", "prediction", "confidence"] + [f"p_{c}" for c in classes], ".6f")
     log(f"wrote predictions for {len(rows)} images to {output}")
+    if writer is not None:
+        log(f"wrote their explanation figures and maps to {explain_dir}")
     if bad_images.messages:
         log(bad_images.report())
     return rows

@@ -1,11 +1,11 @@
 """The model layer: FPTConfig, the frozen branch, the fine-grained fusion, the side network, FPT, its
-reference twins and the import of official checkpoints. Imports only fpt_fast.ops below it."""
+reference twins, the importance maps (importance_maps) and the import of official checkpoints. Imports only fpt_fast.ops below it."""
 from .config import FPTConfig
 from .fpt import FPT, LearnableBranch, resize_images
-from .frozen import FrozenBranch, FrozenFeatures
+from .frozen import FeaturesWithScores, FrozenBranch, FrozenFeatures
 from .fusion import FineGrainedFusion
 from .official import load_official_checkpoint
 from .side import SideViT
 
-__all__ = ["FPT", "FPTConfig", "FineGrainedFusion", "FrozenBranch", "FrozenFeatures", "LearnableBranch", "SideViT",
-           "load_official_checkpoint", "resize_images"]
+__all__ = ["FPT", "FPTConfig", "FeaturesWithScores", "FineGrainedFusion", "FrozenBranch", "FrozenFeatures",
+           "LearnableBranch", "SideViT", "load_official_checkpoint", "resize_images"]

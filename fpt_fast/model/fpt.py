@@ -1,13 +1,13 @@
 """FPT: frozen branch -> selected keys/values -> fine-grained fusion -> side network -> logits."""
 from __future__ import annotations
 
-from typing import Dict, Iterator, Mapping, Optional, Tuple
+from typing import Dict, Iterator, Mapping, Optional, Tuple, Union
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import FPTConfig
-from .frozen import FrozenBranch, FrozenFeatures
+from .frozen import FeaturesWithScores, FrozenBranch, FrozenFeatures
 from .fusion import FineGrainedFusion
 from .side import SideViT
 
@@ -52,6 +52,8 @@ class FPT(nn.Module):
     forward(x_hi, x_lo=None): x_hi (B, 3, H_hi, W_hi) for the frozen branch, x_lo (B, 3, h, w) for
     the side network (default: x_hi resized to config.side_input_size) -> logits (B, num_classes).
     extract(x_hi) -> FrozenFeatures(keys, values), each (L, B, H, n, d); storable ("preloading").
+    extract(x_hi, return_scores=True) -> FeaturesWithScores: also the importance scores (L, B, H, N)
+    and kept token indices (L, B, H, n) of every extracted layer (fpt_fast.model.importance_maps).
     forward_from_features(x_lo, features) -> logits, without running the frozen branch.
 
     Two children: ``frozen`` (FrozenBranch, never trains) and ``learnable`` (LearnableBranch: the
@@ -127,9 +129,11 @@ class FPT(nn.Module):
         return learnable / (learnable + sum(p.numel() for p in self.frozen.parameters()))
 
     # --------------------------------------------------------------------- forward
-    def extract(self, x_hi: Tensor) -> FrozenFeatures:
-        """Selected keys and values of the frozen branch: each (L, B, H, n, d), no autograd graph."""
-        return self.frozen(x_hi)
+    def extract(self, x_hi: Tensor, return_scores: bool = False) -> Union[FrozenFeatures, FeaturesWithScores]:
+        """Selected keys and values of the frozen branch: each (L, B, H, n, d), no autograd graph.
+        return_scores: a FeaturesWithScores, adding the importance scores (L, B, H, N) float32 and
+        kept token indices (L, B, H, n) int64 the extraction computed (its .features are the former)."""
+        return self.frozen(x_hi, return_scores)
 
     def forward_from_features(self, x_lo: Tensor, features: Optional[Tuple[Tensor, Tensor]]) -> Tensor:
         """Logits (B, num_classes) from the side input x_lo (B, 3, h, w) and features extracted
