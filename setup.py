@@ -64,7 +64,7 @@ setup(
         "numpy",
         "safetensors",
         "pyyaml",
-        "pillow",
+        "pillow>=10.1",  # ImageFont.load_default(size=...) for the explain figures
         "torchvision",
         "tqdm",
         "ninja",  # the native extension's just-in-time build (fpt_fast/ops/native_backend.py)

@@ -4,7 +4,8 @@
 // token index), so that "larger key" means "higher score, or equal score and lower index": a strict
 // total order. std::nth_element (average O(N), never a full sort) puts the n-th largest key in place;
 // a row keeps exactly the tokens whose key is >= it, emitted by one scan in ascending token index,
-// copying (and casting, if asked) their K and V rows straight into the outputs.
+// copying (and casting, if asked) their K and V rows straight into the outputs, and, when asked
+// (select_tokens_with_indices), writing each kept token's index into an int64 (B, H, n) output in the same scan.
 //
 // Ties at the n-th score go to the lower token index. -0.0 counts as +0.0; NaN ranks above +inf and
 // NaNs tie with each other (torch's sort/topk order). Limits: N < 2^31; scores, k, v float32/float16/
@@ -55,9 +56,10 @@ inline uint64_t combined_key(const S* scores, int64_t stride, int64_t j) {
          static_cast<uint64_t>(0xFFFFFFFFu - static_cast<uint32_t>(j));
 }
 
+// index_out: nullptr, or (B, H, n) int64 contiguous to receive the kept token indices.
 template <typename S, typename In, typename Out>
 void select_rows(const at::Tensor& scores, const at::Tensor& k, const at::Tensor& v, int64_t n, at::Tensor& k_out,
-                 at::Tensor& v_out) {
+                 at::Tensor& v_out, int64_t* index_out) {
   const int64_t B = k.size(0), H = k.size(1), N = k.size(2), d = k.size(3);
   const S* sp = scores.data_ptr<S>();
   const In* kp = k.data_ptr<In>();
@@ -80,6 +82,7 @@ void select_rows(const at::Tensor& scores, const at::Tensor& k, const at::Tensor
       const In* vrow = vp + b * vs0 + h * vs1;
       Out* kdst = ko + row * n * d;
       Out* vdst = vo + row * n * d;
+      int64_t* idst = index_out == nullptr ? nullptr : index_out + row * n;
       int64_t slot = 0;
       for (int64_t j = 0; j < N && slot < n; ++j) {
         if (combined_key(s, ss2, j) < pivot) continue;
@@ -94,6 +97,7 @@ void select_rows(const at::Tensor& scores, const at::Tensor& k, const at::Tensor
           for (int64_t c = 0; c < d; ++c) kd[c] = static_cast<Out>(static_cast<float>(ks[c]));
           for (int64_t c = 0; c < d; ++c) vd[c] = static_cast<Out>(static_cast<float>(vs[c]));
         }
+        if (idst != nullptr) idst[slot] = j;
         ++slot;
       }
       // Exactly n keys are >= the pivot (keys are distinct), so every slot is filled.
@@ -104,23 +108,24 @@ void select_rows(const at::Tensor& scores, const at::Tensor& k, const at::Tensor
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> select_tokens_cpu(const at::Tensor& scores, const at::Tensor& k_in,
-                                                     const at::Tensor& v_in, int64_t n,
-                                                     std::optional<at::ScalarType> out_dtype) {
+SelectResult select_tokens_cpu(const at::Tensor& scores, const at::Tensor& k_in, const at::Tensor& v_in, int64_t n,
+                               std::optional<at::ScalarType> out_dtype, bool with_indices) {
   check_select_args(scores, k_in, v_in, n, out_dtype);
   const at::Tensor k = rows_contiguous(k_in), v = rows_contiguous(v_in);
   const at::ScalarType out_t = out_dtype.value_or(k.scalar_type());
   const int64_t B = k.size(0), H = k.size(1), d = k.size(3);
   at::Tensor k_out = at::empty({B, H, n, d}, k.options().dtype(out_t));
   at::Tensor v_out = at::empty({B, H, n, d}, k.options().dtype(out_t));
+  at::Tensor index_out = with_indices ? at::empty({B, H, n}, k.options().dtype(at::kLong)) : at::Tensor();
+  int64_t* index_ptr = with_indices ? index_out.data_ptr<int64_t>() : nullptr;
   dispatch_float(scores.scalar_type(), "select_tokens", [&](auto s_tag) {
     dispatch_float(k.scalar_type(), "select_tokens", [&](auto in_tag) {
       dispatch_float(out_t, "select_tokens", [&](auto out_tag) {
-        select_rows<decltype(s_tag), decltype(in_tag), decltype(out_tag)>(scores, k, v, n, k_out, v_out);
+        select_rows<decltype(s_tag), decltype(in_tag), decltype(out_tag)>(scores, k, v, n, k_out, v_out, index_ptr);
       });
     });
   });
-  return {k_out, v_out};
+  return {k_out, v_out, index_out};
 }
 
 }  // namespace fpt_native

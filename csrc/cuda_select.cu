@@ -12,7 +12,8 @@
 //    ties at the n-th score go to the lower index, whatever the scheduling.
 // 3. Gather: each tile's kept rows of K and V are copied by one warp per row, as 16-byte vectors
 //    when every row is 16-byte aligned (base pointers, strides and row size), element by element
-//    otherwise; a dtype cast happens in registers.
+//    otherwise; a dtype cast happens in registers. select_tokens_with_indices also stores each kept
+//    row's token index (int64, ascending) from the same tile list.
 //
 // Limits: scores float32/float16/bfloat16 (read through strides); k, v float32/float16/bfloat16
 // of one dtype, unit stride in the last dimension (others are copied first); N < 2^31; B*H <= 2^31-1
@@ -88,7 +89,8 @@ template <typename In, typename Out>
 __global__ void __launch_bounds__(kThreads) radix_select_gather_kernel(RowArgs a, const In* __restrict__ k,
                                                                         const In* __restrict__ v,
                                                                         Out* __restrict__ k_out,
-                                                                        Out* __restrict__ v_out) {
+                                                                        Out* __restrict__ v_out,
+                                                                        int64_t* __restrict__ index_out) {
   __shared__ unsigned int hist[256];
   __shared__ uint32_t s_prefix;
   __shared__ int s_remaining;
@@ -173,6 +175,7 @@ __global__ void __launch_bounds__(kThreads) radix_select_gather_kernel(RowArgs a
       const int64_t dst_offset = static_cast<int64_t>(out_slot) * a.d;
       copy_row<In, Out>(k_row + token * a.ks2, k_dst + dst_offset, a.d, lane, a.vec_in, a.vec_out);
       copy_row<In, Out>(v_row + token * a.vs2, v_dst + dst_offset, a.d, lane, a.vec_in, a.vec_out);
+      if (index_out != nullptr && lane == 0) index_out[row * a.n + out_slot] = token;
     }
     kept += tile_kept;
     ties_seen += tile_ties;
@@ -184,9 +187,8 @@ bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> select_tokens_cuda(const at::Tensor& scores, const at::Tensor& k_in,
-                                                      const at::Tensor& v_in, int64_t n,
-                                                      std::optional<at::ScalarType> out_dtype) {
+SelectResult select_tokens_cuda(const at::Tensor& scores, const at::Tensor& k_in, const at::Tensor& v_in, int64_t n,
+                                std::optional<at::ScalarType> out_dtype, bool with_indices) {
   check_select_args(scores, k_in, v_in, n, out_dtype);
   TORCH_CHECK(k_in.is_cuda() && scores.is_cuda(), "fpt_fast_native.select_tokens: expected CUDA tensors");
   TORCH_CHECK(k_in.size(0) * k_in.size(1) <= INT32_MAX, "fpt_fast_native.select_tokens: B * H = ",
@@ -197,6 +199,7 @@ std::tuple<at::Tensor, at::Tensor> select_tokens_cuda(const at::Tensor& scores, 
   const int64_t B = k.size(0), H = k.size(1), N = k.size(2), d = k.size(3);
   at::Tensor k_out = at::empty({B, H, n, d}, k.options().dtype(out_t));
   at::Tensor v_out = at::empty({B, H, n, d}, k.options().dtype(out_t));
+  at::Tensor index_out = with_indices ? at::empty({B, H, n}, k.options().dtype(at::kLong)) : at::Tensor();
 
   RowArgs a{};
   a.scores = scores.data_ptr();
@@ -218,13 +221,17 @@ std::tuple<at::Tensor, at::Tensor> select_tokens_cuda(const at::Tensor& scores, 
       using In = decltype(in_tag);
       using Out = decltype(out_tag);
       radix_select_gather_kernel<In, Out><<<static_cast<unsigned>(B * H), kThreads, 0, stream>>>(
-          a, k.data_ptr<In>(), v.data_ptr<In>(), k_out.data_ptr<Out>(), v_out.data_ptr<Out>());
+          a, k.data_ptr<In>(), v.data_ptr<In>(), k_out.data_ptr<Out>(), v_out.data_ptr<Out>(),
+          with_indices ? index_out.data_ptr<int64_t>() : nullptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
-  return {k_out, v_out};
+  return {k_out, v_out, index_out};
 }
 
 }  // namespace fpt_native
 
-TORCH_LIBRARY_IMPL(fpt_fast_native, CUDA, m) { m.impl("select_tokens", &fpt_native::select_tokens_cuda); }
+TORCH_LIBRARY_IMPL(fpt_fast_native, CUDA, m) {
+  m.impl("select_tokens", &fpt_native::select_op<&fpt_native::select_tokens_cuda>);
+  m.impl("select_tokens_with_indices", &fpt_native::select_with_indices_op<&fpt_native::select_tokens_cuda>);
+}

@@ -46,9 +46,11 @@ at::Tensor token_importance_cpu(const at::Tensor& q, const at::Tensor& k, const 
                                 bool class_token);
 std::tuple<at::Tensor, at::Tensor> attention_with_importance_cpu(const at::Tensor& q, const at::Tensor& k,
                                                                  const at::Tensor& v, bool class_token);
-std::tuple<at::Tensor, at::Tensor> select_tokens_cpu(const at::Tensor& scores, const at::Tensor& k,
-                                                     const at::Tensor& v, int64_t n,
-                                                     std::optional<at::ScalarType> out_dtype);
+// k_sel, v_sel and, with with_indices, the kept token indices ((B, H, n) int64, ascending, written
+// in the same scan as the rows; an undefined tensor otherwise). CUDA: select_tokens_cuda, same form.
+using SelectResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+SelectResult select_tokens_cpu(const at::Tensor& scores, const at::Tensor& k, const at::Tensor& v, int64_t n,
+                               std::optional<at::ScalarType> out_dtype, bool with_indices);
 std::tuple<at::Tensor, at::Tensor> prompt_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> prompt_attention_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -57,5 +59,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prompt_attention_backward_cpu(
 // Shared argument checks (the CUDA select uses the same ones).
 void check_select_args(const at::Tensor& scores, const at::Tensor& k, const at::Tensor& v, int64_t n,
                        std::optional<at::ScalarType> out_dtype);
+
+// The two registered ops over one device's select: "select_tokens" -> (k_sel, v_sel) and
+// "select_tokens_with_indices" -> (k_sel, v_sel, indices).
+using SelectFn = SelectResult (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
+                                  std::optional<at::ScalarType>, bool);
+
+template <SelectFn Select>
+std::tuple<at::Tensor, at::Tensor> select_op(const at::Tensor& scores, const at::Tensor& k, const at::Tensor& v,
+                                             int64_t n, std::optional<at::ScalarType> out_dtype) {
+  const SelectResult selected = Select(scores, k, v, n, out_dtype, false);
+  return {std::get<0>(selected), std::get<1>(selected)};
+}
+
+template <SelectFn Select>
+SelectResult select_with_indices_op(const at::Tensor& scores, const at::Tensor& k, const at::Tensor& v, int64_t n,
+                                    std::optional<at::ScalarType> out_dtype) {
+  return Select(scores, k, v, n, out_dtype, true);
+}
 
 }  // namespace fpt_native

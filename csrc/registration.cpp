@@ -40,6 +40,8 @@ TORCH_LIBRARY(fpt_fast_native, m) {
   m.def("token_importance(Tensor q, Tensor k, Tensor? lse, bool class_token) -> Tensor");
   m.def("attention_with_importance(Tensor q, Tensor k, Tensor v, bool class_token) -> (Tensor, Tensor)");
   m.def("select_tokens(Tensor scores, Tensor k, Tensor v, int n, ScalarType? out_dtype) -> (Tensor, Tensor)");
+  m.def("select_tokens_with_indices(Tensor scores, Tensor k, Tensor v, int n, ScalarType? out_dtype) "
+        "-> (Tensor, Tensor, Tensor)");
   m.def("prompt_attention(Tensor q, Tensor k, Tensor v) -> (Tensor, Tensor)");
   m.def("prompt_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor lse, "
         "bool need_kv_grad) -> (Tensor, Tensor, Tensor)");
@@ -50,7 +52,8 @@ TORCH_LIBRARY(fpt_fast_native, m) {
 TORCH_LIBRARY_IMPL(fpt_fast_native, CPU, m) {
   m.impl("token_importance", &fpt_native::token_importance_cpu);
   m.impl("attention_with_importance", &fpt_native::attention_with_importance_cpu);
-  m.impl("select_tokens", &fpt_native::select_tokens_cpu);
+  m.impl("select_tokens", &fpt_native::select_op<&fpt_native::select_tokens_cpu>);
+  m.impl("select_tokens_with_indices", &fpt_native::select_with_indices_op<&fpt_native::select_tokens_cpu>);
   m.impl("prompt_attention", &fpt_native::prompt_attention_cpu);
   m.impl("prompt_attention_backward", &fpt_native::prompt_attention_backward_cpu);
 }

@@ -9,10 +9,11 @@ data, feature store, training, CLI).
 """
 __version__ = "0.1.0"
 
-from .model import (FPT, FineGrainedFusion, FPTConfig, FPTTransforms, FrozenBranch, FrozenFeatures, LearnableBranch,
-                    SideViT, load_official_checkpoint)
+from .model import (FPT, FeaturesWithScores, FineGrainedFusion, FPTConfig, FPTTransforms, FrozenBranch,
+                    FrozenFeatures, LearnableBranch, SideViT, load_official_checkpoint)
 from .ops import backend_table, get_backend, set_backend, use_backend
 
-__all__ = ["FPT", "FPTConfig", "FPTTransforms", "FineGrainedFusion", "FrozenBranch", "FrozenFeatures",
+__all__ = ["FPT", "FPTConfig", "FPTTransforms", "FeaturesWithScores", "FineGrainedFusion", "FrozenBranch",
+           "FrozenFeatures",
            "LearnableBranch", "SideViT", "load_official_checkpoint", "backend_table", "get_backend", "set_backend",
            "use_backend", "__version__"]

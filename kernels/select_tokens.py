@@ -2,7 +2,9 @@
 
 For every (b, h) row: keep the n tokens with the highest score, and copy their K and V rows, in
 ascending token index, into (B, H, n, d) outputs of the requested dtype. One launch, one program per
-row, no sort and no index tensor in memory (top-k then gather is three passes and two launches).
+row, no sort and no index tensor in memory (top-k then gather is three passes and two launches);
+when asked (return_indices), the gather also stores each kept token's index into a (B, H, n) int64
+output, from the slots it computes anyway.
 
 Algorithm, per row:
 1. Keys. Each score, widened to fp32, becomes a monotone uint32 key: -0.0 is first made +0.0 (they
@@ -85,17 +87,19 @@ def _score_keys(row_ptr, tok, N, stride_sn):
 
 @triton.jit
 def _select_tokens_kernel(
-    scores_ptr, k_ptr, v_ptr, k_out_ptr, v_out_ptr,
+    scores_ptr, k_ptr, v_ptr, k_out_ptr, v_out_ptr, index_out_ptr,
     H, N, n, d,
     stride_sb, stride_sh, stride_sn,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE_CHUNK: tl.constexpr,
+    WRITE_INDEX: tl.constexpr,
 ):
     """k_out[b, h, i] = k[b, h, j_i], v_out[b, h, i] = v[b, h, j_i], with j_0 < ... < j_{n-1} the
     n tokens of the highest scores[b, h, :] (ties at the n-th score: lowest indices first).
 
     scores (B, H, N); k, v (B, H, N, d) through strides; k_out, v_out (B, H, n, d) contiguous.
+    WRITE_INDEX: index_out[b, h, i] = j_i too ((B, H, n) int64 contiguous; never touched otherwise).
     Grid: (B * H,), one program per row. SINGLE_CHUNK: N <= BLOCK_N, the row's keys stay in registers.
     """
     pid = tl.program_id(0)
@@ -151,28 +155,33 @@ def _select_tokens_kernel(
         dst = slot[:, None] * d + cols[None, :]
         tl.store(k_out_row + dst, k_rows.to(k_out_ptr.dtype.element_ty), mask=mask)
         tl.store(v_out_row + dst, v_rows.to(v_out_ptr.dtype.element_ty), mask=mask)
+        if WRITE_INDEX:
+            tl.store(index_out_ptr + pid.to(tl.int64) * n + slot, tok64, mask=keep)
         ties_seen += tl.sum(tie, axis=0)
         kept += tl.sum(keep_i, axis=0)
 
 
 def select_tokens_forward(scores: Tensor, k: Tensor, v: Tensor, n: int, out_dtype: torch.dtype, *,
-                          block_n: Optional[int] = None, block_g: Optional[int] = None
-                          ) -> Tuple[Tensor, Tensor]:
+                          return_indices: bool = False, block_n: Optional[int] = None,
+                          block_g: Optional[int] = None) -> Tuple[Tensor, ...]:
     """scores (B, H, N); k, v (B, H, N, d) -> k_sel, v_sel (B, H, n, d) contiguous in out_dtype,
-    ascending token index. block_n / block_g (powers of two) override the chunk sizes (for tests)."""
+    ascending token index, and with return_indices the kept token indices (B, H, n) int64.
+    block_n / block_g (powers of two) override the chunk sizes (for tests)."""
     B, H, N, d = k.shape
     k_sel = torch.empty((B, H, n, d), device=k.device, dtype=out_dtype)
     v_sel = torch.empty((B, H, n, d), device=v.device, dtype=out_dtype)
+    # Without indices the kernel gets k_sel in their place and never writes through it (WRITE_INDEX).
+    index = torch.empty((B, H, n), device=k.device, dtype=torch.int64) if return_indices else k_sel
     BLOCK_D = block_d(d)
     BLOCK_N = block_n or min(MAX_BLOCK_N, max(16, triton.next_power_of_2(N)))
     BLOCK_G = block_g or min(max(16, triton.next_power_of_2(N)), max(16, GATHER_TILE // BLOCK_D))
     num_warps = 8 if max(BLOCK_N, BLOCK_G * BLOCK_D) >= 4096 else 4
     with device_guard(k):
         _select_tokens_kernel[(B * H,)](
-            scores, k, v, k_sel, v_sel,
+            scores, k, v, k_sel, v_sel, index,
             H, N, n, d,
             *scores.stride(), *k.stride(), *v.stride(),
             BLOCK_N=BLOCK_N, BLOCK_G=BLOCK_G, BLOCK_D=BLOCK_D, SINGLE_CHUNK=N <= BLOCK_N,
-            num_warps=num_warps,
+            WRITE_INDEX=return_indices, num_warps=num_warps,
         )
-    return k_sel, v_sel
+    return (k_sel, v_sel, index) if return_indices else (k_sel, v_sel)

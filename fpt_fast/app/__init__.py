@@ -11,6 +11,7 @@
     preloading    the preload job (frozen branch -> feature store) and the store's verification
     training      the Trainer and train()
     evaluation    evaluate(), predict() and the forward of a batch
+    explain       explain(): per image, importance heatmaps and kept tokens as PNG figures and .npy maps
     metrics       classification metrics, PPE and PME
     distributed   torchrun processes: process group, devices, collectives
     cli, demo     the fpt-fast command line and its self-contained demo

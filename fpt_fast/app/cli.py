@@ -1,9 +1,11 @@
-"""The fpt-fast command line: preload, train, evaluate, predict, demo.
+"""The fpt-fast command line: preload, train, evaluate, predict, explain, demo.
 
     fpt-fast preload  -c run.yaml [--set data.store=/fast/disk/store] [--verify]
     fpt-fast train    -c run.yaml [--set train.lr=1e-4 ...] [--resume | --overwrite]
     fpt-fast evaluate -c run.yaml [--checkpoint runs/x/best.pt] [--split test]
     fpt-fast predict  --checkpoint runs/x/best.pt --images folder/ [--output predictions.csv] [--overwrite]
+                      [--explain DIR]
+    fpt-fast explain  -c run.yaml --images folder/ or files --out DIR [--checkpoint best.pt] [--layers 10 11]
     fpt-fast demo     [--out fpt_demo]
 
 Settings: see fpt_fast.app.settings (``--print-config`` shows the resolved ones). Bad input ends the
@@ -66,7 +68,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", required=True, help="folder of images (searched recursively)")
     p.add_argument("--output", default="predictions.csv", help="CSV file to write (default predictions.csv; "
                    "never inside the images folder)")
-    p.add_argument("--overwrite", action="store_true", help="replace --output when it exists")
+    p.add_argument("--overwrite", action="store_true", help="replace --output (and --explain outputs) when they exist")
+    p.add_argument("--explain", metavar="DIR", help="also write each image's explanation (figure and maps, as "
+                   "`explain` does) into DIR")
+
+    p = commands.add_parser("explain", help="what the frozen model looked at: per image, importance heatmaps and "
+                            "kept tokens as a PNG figure, and the raw maps as .npy")
+    _common(p)
+    p.add_argument("--images", required=True, nargs="+", metavar="DIR_OR_FILE",
+                   help="image files and/or folders (searched recursively)")
+    p.add_argument("--out", required=True, help="folder for the figures and maps (mirrors the images' paths)")
+    p.add_argument("--checkpoint", help="checkpoint file (best.pt of a training run): adds the predicted class "
+                   "and its probability to each figure, and its settings are used")
+    p.add_argument("--layers", type=int, nargs="+", metavar="BLOCK",
+                   help="extracted blocks to draw (default: all of them)")
+    p.add_argument("--overwrite", action="store_true", help="replace outputs that exist already")
 
     p = commands.add_parser("demo", help="synthetic fine-detail task: preload, train, evaluate FPT against "
                             "the side network alone, on the CPU in about a minute")
@@ -182,7 +198,19 @@ def run_predict(args) -> int:
     settings = _checkpoint_settings(args, args.checkpoint)
     if args.print_config:
         return _print_config(settings)
-    predict(settings, args.checkpoint, args.images, args.output, overwrite=args.overwrite)
+    predict(settings, args.checkpoint, args.images, args.output, overwrite=args.overwrite,
+            explain_dir=args.explain)
+    return 0
+
+
+def run_explain(args) -> int:
+    from .explain import explain
+
+    _single_process("explain")
+    settings = _settings(args) if args.checkpoint is None else _checkpoint_settings(args, args.checkpoint)
+    if args.print_config:
+        return _print_config(settings)
+    explain(settings, args.images, args.out, args.checkpoint, args.layers, args.overwrite)
     return 0
 
 
@@ -197,7 +225,7 @@ def run_demo(args) -> int:
 
 
 COMMANDS = {"preload": run_preload, "train": run_train, "evaluate": run_evaluate, "predict": run_predict,
-            "demo": run_demo}
+            "explain": run_explain, "demo": run_demo}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -20,6 +20,7 @@ from .console import Log, Progress
 from .data import (BadImages, FPTDataset, ImageFolderSplit, ImageList, describe_left_out, list_images, make_loader,
                    side_transform)
 from .distributed import local_device
+from .explain import ExplanationWriter, check_explainable, explain_batches
 from .files import (DiskFullError, atomic_write_csv, atomic_write_json, check_new_file, make_folder,
                     remove_stale_temporaries)
 from .metrics import METRIC_ORDER, classification_metrics, pme, ppe
@@ -160,13 +161,15 @@ def format_evaluation(result: EvalResult) -> str:
 
 # ------------------------------------------------------------------------------- predict
 def predict(settings: Settings, checkpoint_path: Union[str, Path], images: Union[str, Path],
-            output: Union[str, Path], log: Log = print, overwrite: bool = False) -> List[dict]:
+            output: Union[str, Path], log: Log = print, overwrite: bool = False,
+            explain_dir: Optional[Union[str, Path]] = None) -> List[dict]:
     """Per-image predictions of a checkpoint for every image under a folder, written as CSV
-    (path, prediction, confidence, one probability column per class).
+    (path, prediction, confidence, one probability column per class). explain_dir: also write each
+    image's explanation figure and maps there, from the same pass (fpt_fast.app.explain).
 
-    output is checked before anything runs: an existing file is replaced only with overwrite,
-    and a path inside the images folder is refused (predictions are never written among the
-    input images, whatever the file's name)."""
+    output (and explain_dir's files) are checked before anything runs: an existing file is replaced
+    only with overwrite, and a path inside the images folder is refused (predictions are never
+    written among the input images, whatever the file's name)."""
     output = check_output(output, images, overwrite)
     checkpoint = load_checkpoint(checkpoint_path)
     data, opts = settings.data, settings.train
@@ -179,13 +182,21 @@ def predict(settings: Settings, checkpoint_path: Union[str, Path], images: Union
     side_only = is_side_only(checkpoint)
     side = side_transform(data, model.config.side_input_size, train=False)
     image_list = ImageList(images, paths)
+    writer = None
+    if explain_dir is not None:
+        check_explainable(checkpoint, checkpoint_path)
+        writer = ExplanationWriter(explain_dir, image_list, model.config, classes=classes, overwrite=overwrite)
     dataset = FPTDataset(image_list, side, None if side_only else frozen_transform(settings, model))
     place_model(model, device, features_online=not side_only)
     bad_images = BadImages(data.skip_bad_images)
     loader = make_loader(dataset, opts.eval_batch_size, data.num_workers, device)
-    positions, _, probabilities = predict_probabilities(model, loader, device, side_only,
-                                                        opts.amp and device.type == "cuda", bad_images,
-                                                        opts.progress, "predict")
+    if writer is None:
+        positions, _, probabilities = predict_probabilities(model, loader, device, side_only,
+                                                            opts.amp and device.type == "cuda", bad_images,
+                                                            opts.progress, "predict")
+    else:
+        positions, probabilities = explain_batches(model, loader, device, writer, settings, bad_images,
+                                                   with_predictions=True)
     rows = []
     for position, probs in zip(positions, probabilities):
         best = int(np.argmax(probs))
@@ -199,6 +210,8 @@ def predict(settings: Settings, checkpoint_path: Union[str, Path], images: Union
     except DiskFullError as e:
         raise e.then("rerun predict") from None
     log(f"wrote predictions for {len(rows)} images to {output}")
+    if writer is not None:
+        log(f"wrote their explanation figures and maps to {explain_dir}")
     if bad_images.messages:
         log(bad_images.report())
     return rows

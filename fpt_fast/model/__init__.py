@@ -1,13 +1,14 @@
 """The model layer: FPTConfig, the frozen branch, the fine-grained fusion, the side network, FPT, its
-reference twins, the official preprocessing of an image into the two inputs and the import of
-official checkpoints. Imports only fpt_fast.ops below it."""
+reference twins, the official preprocessing of an image into the two inputs, the importance maps
+(importance_maps) and the import of official checkpoints. Imports only fpt_fast.ops below it."""
 from .config import FPTConfig
 from .fpt import FPT, LearnableBranch, resize_images
-from .frozen import FrozenBranch, FrozenFeatures
+from .frozen import FeaturesWithScores, FrozenBranch, FrozenFeatures
 from .fusion import FineGrainedFusion
 from .official import load_official_checkpoint
 from .preprocessing import FPTTransforms
 from .side import SideViT
 
-__all__ = ["FPT", "FPTConfig", "FPTTransforms", "FineGrainedFusion", "FrozenBranch", "FrozenFeatures",
+__all__ = ["FPT", "FPTConfig", "FPTTransforms", "FeaturesWithScores", "FineGrainedFusion", "FrozenBranch",
+           "FrozenFeatures",
            "LearnableBranch", "SideViT", "load_official_checkpoint", "resize_images"]

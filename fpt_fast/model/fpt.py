@@ -1,7 +1,7 @@
 """FPT: frozen branch -> selected keys/values -> fine-grained fusion -> side network -> logits."""
 from __future__ import annotations
 
-from typing import Dict, Iterator, Mapping, Optional, Tuple
+from typing import Dict, Iterator, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from ..ops.validation import describe
 from .config import FPTConfig
-from .frozen import FrozenBranch, FrozenFeatures
+from .frozen import FeaturesWithScores, FrozenBranch, FrozenFeatures
 from .fusion import FineGrainedFusion
 from .side import SideViT
 
@@ -54,6 +54,8 @@ class FPT(nn.Module):
     stands in: an approximation of the official side input, whose logits differ from the official
     model's (docs/parity.md).
     extract(x_hi) -> FrozenFeatures(keys, values), each (L, B, H, n, d); storable ("preloading").
+    extract(x_hi, return_scores=True) -> FeaturesWithScores: also the importance scores (L, B, H, N)
+    and kept token indices (L, B, H, n) of every extracted layer (fpt_fast.model.importance_maps).
     forward_from_features(x_lo, features) -> logits, without running the frozen branch.
 
     Two children: ``frozen`` (FrozenBranch, never trains) and ``learnable`` (LearnableBranch: the
@@ -193,10 +195,12 @@ class FPT(nn.Module):
                                  f"x_lo's size)")
 
     # --------------------------------------------------------------------- forward
-    def extract(self, x_hi: Tensor) -> FrozenFeatures:
-        """Selected keys and values of the frozen branch: each (L, B, H, n, d), no autograd graph."""
+    def extract(self, x_hi: Tensor, return_scores: bool = False) -> Union[FrozenFeatures, FeaturesWithScores]:
+        """Selected keys and values of the frozen branch: each (L, B, H, n, d), no autograd graph.
+        return_scores: a FeaturesWithScores, adding the importance scores (L, B, H, N) float32 and
+        kept token indices (L, B, H, n) int64 the extraction computed (its .features are the former)."""
         self._check_x_hi(x_hi)
-        return self.frozen(x_hi)
+        return self.frozen(x_hi, return_scores)
 
     def forward_from_features(self, x_lo: Tensor, features: Optional[Tuple[Tensor, Tensor]]) -> Tensor:
         """Logits (B, num_classes) from the side input x_lo (B, 3, h, w) and features extracted

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from typing import List, NamedTuple, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,28 @@ class FrozenFeatures(NamedTuple):
 
     keys: Tensor
     values: Tensor
+
+
+class FeaturesWithScores(NamedTuple):
+    """What the frozen branch computed on the way to FrozenFeatures, for explaining it:
+
+    keys, values: (L, B, H, n, d), as in FrozenFeatures.
+    scores: (L, B, H, N) float32, the importance of every token (class/register tokens first, then
+        the patches row by row) per extracted layer and head; each (layer, image, head) row sums to 1
+        (up to rounding).
+    indices: (L, B, H, n) int64, the kept tokens of each row, in the order of the kept keys/values
+        (ascending token index; descending score for backend "reference").
+    """
+
+    keys: Tensor
+    values: Tensor
+    scores: Tensor
+    indices: Tensor
+
+    @property
+    def features(self) -> FrozenFeatures:
+        """The keys and values alone, as the fusion module takes them."""
+        return FrozenFeatures(self.keys, self.values)
 
 
 def create_backbone(config: FPTConfig) -> nn.Module:
@@ -177,7 +199,9 @@ def check_architecture(backbone: nn.Module, layers) -> None:
 
 class FrozenBranch(nn.Module):
     """The frozen large pre-trained model. Always in eval mode, never trainable, never recorded by
-    autograd. ``forward(images)`` (B, 3, h, w) -> FrozenFeatures, each (L, B, H, n, d)."""
+    autograd. ``forward(images)`` (B, 3, h, w) -> FrozenFeatures, each (L, B, H, n, d);
+    ``forward(images, return_scores=True)`` -> FeaturesWithScores (the same keys and values, and the
+    importance scores and kept indices the extraction computed: no extra pass)."""
 
     def __init__(self, config: FPTConfig):
         super().__init__()
@@ -207,7 +231,7 @@ class FrozenBranch(nn.Module):
         return torch.float32
 
     @torch.no_grad()
-    def forward(self, images: Tensor) -> FrozenFeatures:
+    def forward(self, images: Tensor, return_scores: bool = False) -> Union[FrozenFeatures, FeaturesWithScores]:
         if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[0] == 0:
             raise ValueError(f"images must be a non-empty (B, C, h, w) tensor, got "
                              f"{getattr(images, 'shape', type(images).__name__)}")
@@ -216,34 +240,34 @@ class FrozenBranch(nn.Module):
             raise ValueError(f"images of size {tuple(images.shape[-2:])} given; the frozen branch takes "
                              f"config.image_size {tuple(self.config.image_size)}")
         chunk = self.config.frozen_chunk_size or images.shape[0]
-        parts = [self._extract(images[i:i + chunk]) for i in range(0, images.shape[0], chunk)]
+        parts = [self._extract(images[i:i + chunk], return_scores) for i in range(0, images.shape[0], chunk)]
         if len(parts) == 1:
             return parts[0]
-        return FrozenFeatures(torch.cat([p.keys for p in parts], dim=1),
-                              torch.cat([p.values for p in parts], dim=1))
+        return type(parts[0])(*(torch.cat(field, dim=1) for field in zip(*parts)))
 
-    def _extract(self, images: Tensor) -> FrozenFeatures:
+    def _extract(self, images: Tensor, return_scores: bool) -> Union[FrozenFeatures, FeaturesWithScores]:
         device = images.device
         dtype = self.compute_dtype(device)
         feature_dtype = DTYPES[self.config.feature_dtype] if self.config.feature_dtype else dtype
         autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32
                     else contextlib.nullcontext())
         bb = self.backbone
-        keys, values = [], []
+        extracted = []  # per extracted block: (k_sel, v_sel), with return_scores (k_sel, v_sel, scores, indices)
         with autocast:
             x = bb.norm_pre(bb.patch_drop(bb._pos_embed(bb.patch_embed(images))))
             last = self.layers[-1]
             for i, block in enumerate(bb.blocks[:last + 1]):
                 if i in self.layers:
-                    x, k_sel, v_sel = self._extracted_block(block, x, feature_dtype)
-                    keys.append(k_sel)
-                    values.append(v_sel)
+                    x, outputs = self._extracted_block(block, x, feature_dtype, return_scores)
+                    extracted.append(outputs)
                 else:
                     x = block(x)
-        return FrozenFeatures(torch.stack(keys), torch.stack(values))
+        stacked = (torch.stack(field) for field in zip(*extracted))
+        return FeaturesWithScores(*stacked) if return_scores else FrozenFeatures(*stacked)
 
-    def _extracted_block(self, block: nn.Module, x: Tensor,
-                         feature_dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor]:
+    def _extracted_block(self, block: nn.Module, x: Tensor, feature_dtype: torch.dtype,
+                         return_scores: bool) -> Tuple[Tensor, Tuple[Tensor, ...]]:
+        """(block output, (k_sel, v_sel)) or with return_scores (block output, (k_sel, v_sel, scores, indices))."""
         attn = block.attn
         B, N, _ = x.shape
         h = block.norm1(x)
@@ -255,7 +279,12 @@ class FrozenBranch(nn.Module):
         backend = self.config.backend
         out, scores = ops.attention_with_importance(q, k, v, self.config.importance, backend=backend)
         n = num_selected_tokens(N, self.config.token_ratio)
-        k_sel, v_sel = ops.select_tokens(scores, k, v, n, feature_dtype, backend=backend)
+        if return_scores:
+            k_sel, v_sel, indices = ops.select_tokens(scores, k, v, n, feature_dtype, return_indices=True,
+                                                      backend=backend)
+            outputs = (k_sel, v_sel, scores, indices)
+        else:
+            outputs = ops.select_tokens(scores, k, v, n, feature_dtype, backend=backend)
         a = out.transpose(1, 2).reshape(B, N, -1)
         if getattr(attn, "norm", None) is not None:
             a = attn.norm(a)
@@ -263,5 +292,5 @@ class FrozenBranch(nn.Module):
             a = a * attn.gate(h).sigmoid()
         x = x + block.drop_path1(block.ls1(attn.proj_drop(attn.proj(a))))
         x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
-        return x, k_sel, v_sel
+        return x, outputs
 

@@ -13,13 +13,15 @@ from ..ops.reference import prompt_attention, select_tokens, token_importance
 from .fpt import resize_images
 
 
-def extract_features(backbone, images: Tensor, layers: Sequence[int], n: int,
-                     importance: str = "global") -> Tuple[Tensor, Tensor]:
+def extract_features(backbone, images: Tensor, layers: Sequence[int], n: int, importance: str = "global",
+                     return_scores: bool = False) -> Tuple[Tensor, ...]:
     """Selected keys and values of a frozen timm ViT, from timm's own eager forward.
 
     Forward hooks on each extracted block's attention capture q and k (after q_norm / k_norm) and
     v (from the qkv projection); the block itself runs unchanged with materialised attention.
-    images: (B, 3, h, w). Returns keys, values: (L, B, H, n, d).
+    images: (B, 3, h, w). Returns keys, values: (L, B, H, n, d), and with return_scores also the
+    importance scores (L, B, H, N) float32 and the kept token indices (L, B, H, n) int64, in
+    descending-score order (the order of the keys and values here).
     """
     captured = {}
     handles = []
@@ -47,16 +49,15 @@ def extract_features(backbone, images: Tensor, layers: Sequence[int], n: int,
         for i, f in zip(layers, fused):
             backbone.blocks[i].attn.fused_attn = f
 
-    keys, values = [], []
+    extracted = []
     for i in layers:
         q, k = captured[(i, "q")], captured[(i, "k")]
         B, H, N, d = k.shape
         v = captured[(i, "qkv")].reshape(B, N, 3, H, d)[:, :, 2].transpose(1, 2)
         scores = token_importance(q, k, importance)
-        k_sel, v_sel = select_tokens(scores, k, v, n)
-        keys.append(k_sel)
-        values.append(v_sel)
-    return torch.stack(keys), torch.stack(values)
+        k_sel, v_sel, indices = select_tokens(scores, k, v, n, return_indices=True)
+        extracted.append((k_sel, v_sel, scores, indices) if return_scores else (k_sel, v_sel))
+    return tuple(torch.stack(field) for field in zip(*extracted))
 
 
 # ------------------------------------------------------------------------- fusion and side

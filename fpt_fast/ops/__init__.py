@@ -4,6 +4,7 @@ Ops (each has a twin with the same signature in ``fpt_fast.reference``):
     token_importance(q, k, importance, lse)            -> scores (B, H, N) float32
     attention_with_importance(q, k, v, importance)     -> (out (B, H, N, d), scores (B, H, N) float32)
     select_tokens(scores, k, v, n, out_dtype)          -> (k_sel, v_sel), each (B, H, n, d)
+        return_indices=True                            -> (k_sel, v_sel, indices (B, H, n) int64)
     prompt_attention(q, k, v)                          -> (L, B, P, H * d)
 importance: "global" (mean attention over all queries) or "class_token" (the class token's row).
 

@@ -44,11 +44,14 @@ def attention_with_importance(q: Tensor, k: Tensor, v: Tensor, importance: str =
 
 
 def select_tokens(scores: Tensor, k: Tensor, v: Tensor, n: int, out_dtype: Optional[torch.dtype] = None, *,
-                  backend: Optional[str] = None) -> Tuple[Tensor, Tensor]:
+                  return_indices: bool = False, backend: Optional[str] = None) -> Tuple[Tensor, ...]:
     """The n highest-scoring tokens of every (batch, head) row, gathered from k and v.
 
     scores: (B, H, N) float; k, v: (B, H, N, d). Returns k_sel, v_sel (B, H, n, d) in out_dtype
-    (default: k's dtype). Ties at the n-th score go to the lower token index.
+    (default: k's dtype). Ties at the n-th score go to the lower token index. return_indices=True
+    adds a third output, the kept token indices (B, H, n) int64 in the order of the kept rows
+    (ascending for the fast backends, descending score for "reference"), written by the same
+    kernel as the rows; without it no index tensor is made.
     """
     check_float("scores", scores)
     check_qkv(k, v, None)
@@ -63,8 +66,10 @@ def select_tokens(scores: Tensor, k: Tensor, v: Tensor, n: int, out_dtype: Optio
         raise ValueError(f"n={n} is out of range: expected 1 <= n <= N={N}")
     if out_dtype is not None and out_dtype not in FLOAT_DTYPES:
         raise TypeError(f"out_dtype={out_dtype} must be None, torch.float32, torch.float16 or torch.bfloat16")
+    if not isinstance(return_indices, bool):
+        raise TypeError(f"return_indices must be a bool, got {type(return_indices).__name__}")
     run = implementation("select_tokens", backend, k, k.shape[-1])
-    return run(scores, k, v, n, out_dtype)
+    return run(scores, k, v, n, out_dtype, return_indices)
 
 
 def prompt_attention(q: Tensor, k: Tensor, v: Tensor, *, backend: Optional[str] = None) -> Tensor:

@@ -2,7 +2,8 @@
 
 The extension registers its kernels as ordinary torch ops in the namespace ``fpt_fast_native``
 (``torch.ops.fpt_fast_native.*``): C++ CPU kernels for every op, and on CUDA a fused radix-select
-+ gather for ``select_tokens``. Once loaded, this module adds what the C++ side does not: fake
++ gather for ``select_tokens`` (and ``select_tokens_with_indices``, which also returns the kept
+token indices). Once loaded, this module adds what the C++ side does not: fake
 implementations (shapes only, so torch.compile traces the ops) and the autograd formula of
 ``prompt_attention`` (its backward is the native kernel ``prompt_attention_backward``, which
 recomputes the probabilities from the saved row LSE).
@@ -248,11 +249,13 @@ def attention_with_importance(q: Tensor, k: Tensor, v: Tensor, importance: str =
         return tuple(_ops().attention_with_importance(q, k, v, importance == "class_token"))
 
 
-def select_tokens(scores: Tensor, k: Tensor, v: Tensor, n: int,
-                  out_dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Tensor]:
-    """The n best tokens per (b, h) in ascending token index: k_sel, v_sel (B, H, n, d)."""
+def select_tokens(scores: Tensor, k: Tensor, v: Tensor, n: int, out_dtype: Optional[torch.dtype] = None,
+                  return_indices: bool = False) -> Tuple[Tensor, ...]:
+    """The n best tokens per (b, h) in ascending token index: k_sel, v_sel (B, H, n, d), and with
+    return_indices their token indices (B, H, n) int64, written by the same kernel."""
+    op = _ops().select_tokens_with_indices if return_indices else _ops().select_tokens
     with torch.no_grad():
-        return tuple(_ops().select_tokens(scores, k, v, n, out_dtype))
+        return tuple(op(scores, k, v, n, out_dtype))
 
 
 def prompt_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -276,6 +279,9 @@ def _register_python_side() -> None:
         dtype = out_dtype or k.dtype
         return k.new_empty(shape, dtype=dtype), k.new_empty(shape, dtype=dtype)
 
+    def select_with_indices(scores, k, v, n, out_dtype):
+        return (*select(scores, k, v, n, out_dtype), k.new_empty((*k.shape[:2], n), dtype=torch.long))
+
     def prompt(q, k, v):
         L, B, H, n, d = k.shape
         P = q.shape[-2]
@@ -287,7 +293,8 @@ def _register_python_side() -> None:
         return torch.empty_like(q), k.new_empty(0), v.new_empty(0)
 
     for name, fn in (("token_importance", importance), ("attention_with_importance", attention),
-                     ("select_tokens", select), ("prompt_attention", prompt),
+                     ("select_tokens", select), ("select_tokens_with_indices", select_with_indices),
+                     ("prompt_attention", prompt),
                      ("prompt_attention_backward", prompt_backward)):
         try:
             torch.library.register_fake(f"{NAMESPACE}::{name}")(fn)

@@ -36,19 +36,20 @@ def attention_with_importance(q: Tensor, k: Tensor, v: Tensor, importance: str =
     return out, scores
 
 
-def select_tokens(scores: Tensor, k: Tensor, v: Tensor, n: int,
-                  out_dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Tensor]:
+def select_tokens(scores: Tensor, k: Tensor, v: Tensor, n: int, out_dtype: Optional[torch.dtype] = None,
+                  return_indices: bool = False) -> Tuple[Tensor, ...]:
     """Keeps the n highest-scoring tokens of every (batch, head) row.
 
     scores: (B, H, N); k, v: (B, H, N, d). Returns k_sel, v_sel: (B, H, n, d) in descending-score
-    order; ties go to the lower token index (a stable sort).
+    order; ties go to the lower token index (a stable sort). With return_indices, also the kept
+    token indices (B, H, n) int64, in the same (descending-score) order.
     """
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :n]
     index = order[..., None].expand(*order.shape, k.shape[-1])
     k_sel, v_sel = k.gather(2, index), v.gather(2, index)
     if out_dtype is not None:
         k_sel, v_sel = k_sel.to(out_dtype), v_sel.to(out_dtype)
-    return k_sel, v_sel
+    return (k_sel, v_sel, order) if return_indices else (k_sel, v_sel)
 
 
 def prompt_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:

@@ -66,10 +66,11 @@ def attention_with_importance(q: Tensor, k: Tensor, v: Tensor, importance: str =
     return out, scores if global_importance else _class_token_scores(q, k, None)
 
 
-def select_tokens(scores: Tensor, k: Tensor, v: Tensor, n: int,
-                  out_dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Tensor]:
+def select_tokens(scores: Tensor, k: Tensor, v: Tensor, n: int, out_dtype: Optional[torch.dtype] = None,
+                  return_indices: bool = False) -> Tuple[Tensor, ...]:
     """Threshold = the n-th largest score (topk values are exact whatever the tie order); keep all
-    scores above it and the lowest-index ties at it; emit the kept tokens in ascending index."""
+    scores above it and the lowest-index ties at it; emit the kept tokens in ascending index (and
+    with return_indices that index, (B, H, n) int64)."""
     N = scores.shape[-1]
     # NaN ranks above +inf, as in the reference's sort and the Triton kernel: in float64, +-inf become
     # +-max and NaN becomes +inf, an order-preserving map of every fp32/fp16/bf16 score.
@@ -83,9 +84,10 @@ def select_tokens(scores: Tensor, k: Tensor, v: Tensor, n: int,
     # tokens, and topk's descending order lists them by ascending index.
     key = keep * torch.arange(N, 0, -1, device=scores.device)
     index = key.topk(n, dim=-1, sorted=True).indices
-    index = index[..., None].expand(*index.shape, k.shape[-1])
+    rows = index[..., None].expand(*index.shape, k.shape[-1])
     dtype = out_dtype or k.dtype
-    return k.gather(2, index).to(dtype), v.gather(2, index).to(dtype)
+    selected = k.gather(2, rows).to(dtype), v.gather(2, rows).to(dtype)
+    return (*selected, index) if return_indices else selected
 
 
 def prompt_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:

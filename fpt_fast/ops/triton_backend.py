@@ -49,10 +49,23 @@ def _select_tokens(scores: Tensor, k: Tensor, v: Tensor, n: int,
 
 
 @_select_tokens.register_fake
-def _(scores, k, v, n, out_dtype):
+def _select_tokens_fake(scores, k, v, n, out_dtype):
     shape = (*k.shape[:2], n, k.shape[-1])
     dtype = out_dtype or k.dtype
     return k.new_empty(shape, dtype=dtype), v.new_empty(shape, dtype=dtype)
+
+
+@torch.library.custom_op("fpt_fast::select_tokens_with_indices", mutates_args=())
+def _select_tokens_with_indices(scores: Tensor, k: Tensor, v: Tensor, n: int,
+                                out_dtype: Optional[torch.dtype]) -> Tuple[Tensor, Tensor, Tensor]:
+    from ..kernels import select_tokens as kernel
+
+    return kernel.select_tokens_forward(scores, k, v, n, out_dtype or k.dtype, return_indices=True)
+
+
+@_select_tokens_with_indices.register_fake
+def _(scores, k, v, n, out_dtype):
+    return (*_select_tokens_fake(scores, k, v, n, out_dtype), k.new_empty((*k.shape[:2], n), dtype=torch.long))
 
 
 @torch.library.custom_op("fpt_fast::prompt_attention", mutates_args=())
@@ -114,8 +127,10 @@ def attention_with_importance(q: Tensor, k: Tensor, v: Tensor, importance: str =
     return _attention_with_importance(q, k, v, importance == "class_token")
 
 
-def select_tokens(scores: Tensor, k: Tensor, v: Tensor, n: int,
-                  out_dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Tensor]:
+def select_tokens(scores: Tensor, k: Tensor, v: Tensor, n: int, out_dtype: Optional[torch.dtype] = None,
+                  return_indices: bool = False) -> Tuple[Tensor, ...]:
+    if return_indices:
+        return _select_tokens_with_indices(scores, k, v, n, out_dtype)
     return _select_tokens(scores, k, v, n, out_dtype)
 
 

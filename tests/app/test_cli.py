@@ -171,12 +171,17 @@ def test_demo_runs_end_to_end(tmp_path):
     assert "FPT demo report" in text and "side network alone" in text
     assert 0.0 < report.learnable_share < 0.05 and abs(report.vit_b_share - 0.0103) < 0.001
     assert report.bytes_per_image < report.official_bytes_per_image / 1.9
+    assert report.explain_figure == tmp_path / "demo" / "explain" / (demo.EXPLAINED_IMAGE.split("/")[-1] + ".explain.png")
+    assert str(report.explain_figure) in text
+    with Image.open(report.explain_figure) as figure:
+        figure.load()
+        assert figure.format == "PNG"
 
 
 def test_module_and_console_script():
     result = subprocess.run([sys.executable, "-m", "fpt_fast", "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0
-    for command in ("preload", "train", "evaluate", "predict", "demo"):
+    for command in ("preload", "train", "evaluate", "predict", "explain", "demo"):
         assert command in result.stdout
     scripts = [e for e in entry_points(group="console_scripts") if e.name == "fpt-fast"]
     if not scripts:

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fpt_fast import FPTConfig, FrozenBranch, reference
+from fpt_fast import FPTConfig, FrozenBranch, FrozenFeatures, ops, reference
 from helpers import TINY, assert_same_rows, official_resampling, tiny_config
 
 
@@ -270,3 +270,116 @@ def test_backbone_is_loaded_at_its_stored_grid_and_resampled_once(tmp_path, stor
     assert not backbone.pos_embed.requires_grad
     with pytest.raises(ValueError, match=r"config.image_size \(256, 240\)"):
         FrozenBranch(cfg)(torch.randn(1, 3, 224, 224))
+
+
+# ------------------------------------------------------------------- scores and kept indices
+REGISTERS = dict(backbone="vit_small_patch14_reg4_dinov2", image_size=(42, 28), side_input_size=28,
+                 backbone_kwargs=dict(depth=3, embed_dim=64, num_heads=2), token_ratio=0.4)
+
+
+def assert_same_selection(indices, ref_indices, ref_scores, atol):
+    """Per row, the kept sets are equal, except for tokens whose reference score ties (within atol)
+    with the reference's n-th score: those may be swapped by float rounding."""
+    fast = indices.sort(dim=-1).values.flatten(0, -2)
+    ref = ref_indices.sort(dim=-1).values.flatten(0, -2)
+    scores = ref_scores.flatten(0, -2)
+    n = ref.shape[-1]
+    for row in (fast != ref).any(dim=-1).nonzero().flatten().tolist():
+        threshold = scores[row].topk(n).values[-1]
+        swapped = set(fast[row].tolist()) ^ set(ref[row].tolist())
+        assert all(abs(float(scores[row, j] - threshold)) <= atol for j in swapped), (row, swapped)
+
+
+@pytest.mark.parametrize("importance", ["global", "class_token"])
+@pytest.mark.parametrize("backend", ["triton", "native", "torch"])
+def test_scores_and_indices_match_reference(backend, importance):
+    """return_scores: the importance scores and kept indices of every extracted layer equal the
+    reference's (indices as sets per row, ties excepted), the indices are ascending and name the
+    kept keys, and the keys and values are those of the default call."""
+    reasons = ops.unsupported_reasons(backend, "select_tokens", "cpu")
+    if reasons:
+        pytest.skip("; ".join(reasons))
+    cfg = tiny_config("fpt", backend=backend, importance=importance, **REGISTERS)
+    x = torch.randn(2, 3, *cfg.image_size)
+    torch.manual_seed(0)
+    frozen = FrozenBranch(cfg)
+    out = frozen(x, return_scores=True)
+    _, _, ref_scores, ref_indices = reference.extract_features(
+        frozen.backbone, x, cfg.layers, cfg.num_selected, importance, return_scores=True)
+    L, B, H, N, n = len(cfg.layers), 2, 2, cfg.num_tokens, cfg.num_selected
+    assert out.scores.shape == ref_scores.shape == (L, B, H, N) and out.scores.dtype == torch.float32
+    assert out.indices.shape == ref_indices.shape == (L, B, H, n) and out.indices.dtype == torch.int64
+    torch.testing.assert_close(out.scores, ref_scores, atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(out.scores.sum(-1), torch.ones(L, B, H))
+    assert bool((out.indices.diff(dim=-1) > 0).all())
+    assert_same_selection(out.indices, ref_indices, ref_scores, atol=1e-5)
+    plain = frozen(x)
+    assert isinstance(plain, FrozenFeatures)
+    assert torch.equal(plain.keys, out.keys) and torch.equal(plain.values, out.values)
+    assert isinstance(out.features, FrozenFeatures) and out.features.keys is out.keys
+    # The kept keys are the rows of the layer's keys at the indices (with the reference's sets above,
+    # this makes them the reference's keys, ties excepted): the layer's keys captured by hooks.
+    captured = {}
+    hooks = [frozen.backbone.blocks[i].attn.k_norm.register_forward_hook(
+        lambda m, i_, o, i=i: captured.__setitem__(i, o)) for i in cfg.layers]
+    frozen(x)
+    for h in hooks:
+        h.remove()
+    for position, i in enumerate(cfg.layers):
+        k_all = captured[i]                                            # (B, H, N, d)
+        index = out.indices[position][..., None].expand(-1, -1, -1, k_all.shape[-1])
+        torch.testing.assert_close(out.keys[position], k_all.gather(2, index).to(out.keys.dtype))
+
+
+def test_scores_of_chunked_extraction_equal_unchunked():
+    cfg = tiny_config("fpt+")
+    x = torch.randn(3, 3, *cfg.image_size)
+    torch.manual_seed(0)
+    whole = FrozenBranch(cfg)(x, return_scores=True)
+    torch.manual_seed(0)
+    chunked = FrozenBranch(tiny_config("fpt+", frozen_chunk_size=2))(x, return_scores=True)
+    assert all(torch.equal(a, b) for a, b in zip(whole, chunked))
+
+
+def test_default_extraction_allocates_nothing_for_scores(monkeypatch):
+    """Without return_scores the select op is asked for no indices, and the extraction makes no
+    tensor that the scored extraction does not make too; the scored one adds only its own outputs
+    (the per-layer indices of the select kernel and the two stacks)."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    class NewTensors(TorchDispatchMode):
+        """(shape, dtype) of every tensor an op makes (views excepted: they allocate nothing)."""
+
+        def __init__(self):
+            super().__init__()
+            self.made = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in tree_leaves(out):
+                if isinstance(t, torch.Tensor) and not t._is_view():
+                    self.made[(tuple(t.shape), t.dtype)] += 1
+            return out
+
+    asked = []
+    select = ops.select_tokens
+    monkeypatch.setattr(ops, "select_tokens", lambda *a, **kw: asked.append(kw.get("return_indices")) or select(*a, **kw))
+    cfg = tiny_config("fpt")
+    torch.manual_seed(0)
+    frozen = FrozenBranch(cfg)
+    x = torch.randn(2, 3, *cfg.image_size)
+    with NewTensors() as plain:
+        frozen(x)
+    assert asked == [None] * len(cfg.layers)
+    with NewTensors() as scored:
+        frozen(x, return_scores=True)
+    assert asked[len(cfg.layers):] == [True] * len(cfg.layers)
+    assert not plain.made - scored.made
+    L, B, H, N, n = len(cfg.layers), 2, 2, cfg.num_tokens, cfg.num_selected
+    extra = scored.made - plain.made
+    assert extra[((L, B, H, N), torch.float32)] == 1 and extra[((L, B, H, n), torch.int64)] == 1
+    assert set(extra) <= {((L, B, H, N), torch.float32), ((L, B, H, n), torch.int64), ((B, H, n), torch.int64)}
+    assert extra[((B, H, n), torch.int64)] <= L

@@ -1,5 +1,6 @@
 """select_tokens: the fused Triton top-n select + gather (kernels/select_tokens.py) and the "torch"
-backend, against fpt_fast.reference.select_tokens.
+backend, against fpt_fast.reference.select_tokens; the kept indices (return_indices) of every
+backend that runs here, "native" included.
 
 The reference keeps descending-score order, the fast paths ascending token index, so rows are
 matched by the token index that k carries in its first two columns (j // 64, j % 64: small integers,
@@ -99,6 +100,45 @@ def test_bf16_cast_rounds_to_nearest_even(device):
     _check(scores, k, v, 51, torch.bfloat16)
 
 
+# --------------------------------------------------------------------------------- indices
+@pytest.mark.parametrize("backend", ["triton", "native", "torch"])
+@pytest.mark.parametrize("N", [1, 7, 33, 65])
+def test_indices_every_n(N, backend, device):
+    """return_indices: the kept token indices (B, H, n) int64 in ascending order, the same set as the
+    reference's (which lists them by descending score), naming exactly the rows gathered; and the
+    rows are those of the call without indices. One row with heavy ties, one with distinct scores."""
+    reasons = ops.unsupported_reasons(backend, "select_tokens", device)
+    if reasons:
+        pytest.skip("; ".join(reasons))
+    g = torch.Generator().manual_seed(N)
+    scores = torch.stack([torch.randint(0, 3, (N,), generator=g).float(), torch.randn(N, generator=g)])[None]
+    inputs = _inputs(1, 2, N, 16, device, seed=N, scores=scores)
+    for n in range(1, N + 1):
+        k_sel, v_sel, index = ops.select_tokens(*inputs, n, return_indices=True, backend=backend)
+        assert index.dtype == torch.int64 and index.shape == (1, 2, n) and index.device == k_sel.device
+        assert torch.equal(index, _check(*inputs, n, result=(k_sel, v_sel)))
+        k_ref, _, ref_index = reference.select_tokens(*inputs, n, return_indices=True)
+        assert torch.equal(ref_index, _token_index(k_ref))
+        assert torch.equal(index, ref_index.sort(dim=-1).values)
+        if n in (1, N // 2 + 1, N):
+            plain = ops.select_tokens(*inputs, n, backend=backend)
+            assert len(plain) == 2 and torch.equal(plain[0], k_sel) and torch.equal(plain[1], v_sel)
+
+
+def test_index_outputs_trace_with_fake_tensors():
+    """The fakes of the indexed ops (what torch.compile traces) give the kernels' shapes and dtypes."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    backends = [b for b in ("triton", "native") if not ops.unsupported_reasons(b, "select_tokens", "cpu")]
+    with FakeTensorMode():
+        scores, k = torch.empty(2, 3, 10), torch.empty(2, 3, 10, 16)
+        for backend in backends:
+            k_sel, v_sel, index = ops.select_tokens(scores, k, k, 4, torch.float16, return_indices=True,
+                                                    backend=backend)
+            assert k_sel.shape == v_sel.shape == (2, 3, 4, 16) and k_sel.dtype == torch.float16
+            assert index.shape == (2, 3, 4) and index.dtype == torch.int64
+
+
 # ------------------------------------------------------------------------------------ ties
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("score_dtype", DTYPES)
@@ -193,14 +233,16 @@ def test_non_contiguous_inputs(backend, device):
     (257, 51, False, 16, 16), (257, 256, True, 16, 32), (257, 1, True, 64, 16),
     (1100, 220, True, 256, 32), (1100, 220, False, 512, 64), (1100, 1100, True, 128, 256)])
 def test_chunked_path(N, n, ties, block_n, block_g, device):
-    """The multi-chunk threshold search and small gather chunks, forced through the launcher."""
+    """The multi-chunk threshold search and small gather chunks, forced through the launcher; the
+    indices written chunk by chunk name the gathered rows."""
     g = torch.Generator().manual_seed(N + n)
     scores = torch.randint(0, 3, (1, 2, N), generator=g).float() if ties else None
     scores, k, v = _inputs(1, 2, N, 16, device, seed=8, scores=scores)
     k = k.transpose(2, 3).contiguous().transpose(2, 3)              # token stride 1, column stride N
     v = torch.cat([v, -v], dim=-1)[..., ::2]                         # column stride 2
-    result = kernel.select_tokens_forward(scores, k, v, n, torch.float32, block_n=block_n, block_g=block_g)
-    _check(scores, k, v, n, result=result)
+    k_sel, v_sel, index = kernel.select_tokens_forward(scores, k, v, n, torch.float32, return_indices=True,
+                                                       block_n=block_n, block_g=block_g)
+    assert torch.equal(index, _check(scores, k, v, n, result=(k_sel, v_sel)))
 
 
 def test_deterministic(device):
@@ -236,6 +278,7 @@ def _bad_cases(device):
         ((scores, k, v, 2, torch.float64), TypeError),
         ((scores, k, v, 2, torch.int32), TypeError),
         ((scores, k, v, 2, "bfloat16"), TypeError),
+        ((scores, k, v, 2, None, "yes"), TypeError),                     # return_indices
     ]
 
 
@@ -245,7 +288,7 @@ def test_bad_inputs_raise_before_launch(backend, device, monkeypatch):
     monkeypatch.setattr(kernel, "select_tokens_forward", lambda *a, **kw: launches.append(a))
     for args, error in _bad_cases(device):
         with pytest.raises(error):
-            ops.select_tokens(*args, backend=backend)
+            ops.select_tokens(*args[:5], return_indices=args[5] if len(args) > 5 else False, backend=backend)
     assert not launches
 
 
