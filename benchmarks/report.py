@@ -111,15 +111,15 @@ def training_section(rows: List[dict]) -> str:
                               r["provider"], r["params"].get("batch", 0)))
     body = [[r["provider"], r["params"].get("model"), r["params"].get("resolution"), r["params"].get("batch"),
              r["dtype"], r["device"], fmt(r["median_ms"], ".1f"), fmt(r.get("images_per_s"), ".1f"),
-             fmt(r.get("peak_mb"), ".0f"), pct(r.get("learnable_share")), fmt(r.get("ppe")), fmt(r.get("pme")),
-             status_text(r)] for r in steps]
+             fmt(r.get("peak_mb"), ".0f"), fmt(r.get("speedup_vs_reference")), fmt(r.get("memory_vs_reference"), ".3f"),
+             pct(r.get("learnable_share")), fmt(r.get("ppe")), fmt(r.get("pme")), status_text(r)] for r in steps]
     scored = next((r.get("auc") for r in steps if r.get("auc") is not None), None)
     note = ("PPE / PME use the scores passed with --auc (run_all passes the papers' published mean AUCs, "
             "docs/method.md, section 9: not scores measured here); PME is against full fine-tuning's peak at "
             "the same shape." if scored is not None else "")
     return "\n".join(["## Training step (forward, backward, clip, AdamW)", "", note,
                       table(["method", "model", "res", "batch", "dtype", "device", "ms", "img/s", "peak MB",
-                             "learnable", "PPE", "PME", "status"], body)])
+                             "x reference speed", "memory vs reference", "learnable", "PPE", "PME", "status"], body)])
 
 
 def extraction_section(rows: List[dict]) -> str:

@@ -24,6 +24,7 @@ import fpt_fast.ops.triton_backend as triton_backend
 from fpt_fast import ops, reference
 from fpt_fast.kernels import prompt_attention as prompt_kernel
 from fpt_fast.kernels import token_importance as importance_kernel
+from helpers import eager_prompt_attention, value_and_grads
 
 pytestmark = pytest.mark.gpu_suite
 
@@ -269,27 +270,10 @@ def _prompt_inputs(case, dtype, kv_grad, seed):
     return q, k, v, grad
 
 
-def _value_and_grads(fn, q, k, v, grad):
-    out = fn(q, k, v)
-    wrt = [t for t in (q, k, v) if t.requires_grad]
-    grads = iter(torch.autograd.grad(out, wrt, grad))
-    return [out.detach()] + [next(grads) if t.requires_grad else None for t in (q, k, v)]
-
-
-def _eager_prompt_attention(q, k, v):
-    """Plain PyTorch in the inputs' own dtype: the low-precision yardstick."""
-    if q.dim() == 4:
-        q = q[:, None]
-    probs = (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(dim=-1)
-    out = probs @ v
-    L, B, H, P, d = out.shape
-    return out.permute(0, 1, 3, 2, 4).reshape(L, B, P, H * d)
-
-
 def _prompt_truth_and_yardstick(q, k, v, grad):
     leaves = [t.detach().double().requires_grad_(t.requires_grad) for t in (q, k, v)]
-    truth = _value_and_grads(reference.prompt_attention, *leaves, grad.double())
-    yardstick = _value_and_grads(_eager_prompt_attention, q, k, v, grad)
+    truth = value_and_grads(reference.prompt_attention, *leaves, grad.double())
+    yardstick = value_and_grads(eager_prompt_attention, q, k, v, grad)
     return truth, yardstick
 
 
@@ -311,7 +295,7 @@ def test_prompt_attention(case, dtype, kv_grad, backend):
     """Output and every gradient; dq_only is what FPT trains (its selected K/V are constants)."""
     _skip_unless_runs(backend, "prompt_attention", dtype, case[5])
     q, k, v, grad = _prompt_inputs(case, dtype, kv_grad, seed=_seed(case, str(dtype), kv_grad))
-    got = _value_and_grads(lambda *a: ops.prompt_attention(*a, backend=backend), q, k, v, grad)
+    got = value_and_grads(lambda *a: ops.prompt_attention(*a, backend=backend), q, k, v, grad)
     truth, yardstick = _prompt_truth_and_yardstick(q, k, v, grad)
     _assert_prompt_results(got, truth, yardstick, dtype, q, k)
 
