@@ -121,7 +121,7 @@ def _qkv(B, H, N, d, dtype, device, gen):
     return qkv.permute(2, 0, 3, 1, 4).unbind(0)
 
 
-def _shape(label, **dims) -> str:
+def shape_label(label, **dims) -> str:
     return f"{label} " + " ".join(f"{k}={v}" for k, v in dims.items())
 
 
@@ -132,7 +132,7 @@ def token_importance_case(label, res, B, H, N, d, dtype, device, gen) -> Case:
     ti["reference"] = lambda: reference.token_importance(q, k, "global")
     flops = attention_flops(B, H, N, d, 2)  # an LSE pass and a column-sum pass over QK^T
     nbytes = 2 * B * H * N * d * es + B * H * N * 4
-    return Case("token_importance", "fwd", _shape(label, B=B, H=H, N=N, d=d), dtype,
+    return Case("token_importance", "fwd", shape_label(label, B=B, H=H, N=N, d=d), dtype,
                 dict(model=label, resolution=res, B=B, H=H, N=N, d=d), ti,
                 flops={p: flops for p in ti}, nbytes={p: nbytes for p in ti},
                 estimate={"reference": 3 * B * H * N * N * 4})
@@ -179,7 +179,7 @@ def attention_with_importance_case(label, res, B, H, N, d, dtype, device, gen) -
     flops["sdpa"] = attention_flops(B, H, N, d, 2)  # sdpa computes attention only
     nbytes = {p: 4 * B * H * N * d * es + B * H * N * 4 for p in awi}
     nbytes["sdpa"] = 4 * B * H * N * d * es
-    return Case("attention_with_importance", "fwd", _shape(label, B=B, H=H, N=N, d=d), dtype,
+    return Case("attention_with_importance", "fwd", shape_label(label, B=B, H=H, N=N, d=d), dtype,
                 dict(model=label, resolution=res, B=B, H=H, N=N, d=d), awi, flops=flops, nbytes=nbytes,
                 estimate={"reference": 3 * nn_fp32, "eager": 3 * nn_fp32 * es / 4 + nn_fp32},
                 baselines=("reference", "triton", "sdpa"), reasons=reasons, checks=checks)
@@ -197,7 +197,7 @@ def select_case(label, res, B, H, N, d, dtype, device, gen) -> Case:
     sel["topk_gather"] = lambda: topk_gather(scores, k, v, n)
     # The least any method moves: the scores once, the n kept rows of k and v read and written.
     nbytes = B * H * N * 4 + 4 * B * H * n * d * es
-    return Case("select_tokens", "fwd", _shape(label, B=B, H=H, N=N, d=d, n=n), dtype,
+    return Case("select_tokens", "fwd", shape_label(label, B=B, H=H, N=N, d=d, n=n), dtype,
                 dict(model=label, resolution=res, B=B, H=H, N=N, d=d, n=n), sel,
                 flops={}, nbytes={p: nbytes for p in sel}, estimate={}, baselines=("reference", "topk_gather"))
 
@@ -229,7 +229,7 @@ def prompt_cases(label, L, B, H, P, n, d, dtype, device, gen, variants: bool) ->
     v = torch.randn(L, B, H, n, d, device=device, dtype=dtype, generator=gen)
     grad = torch.randn(L, B, P, H * d, device=device, dtype=dtype, generator=gen)
     es = torch.finfo(dtype).bits // 8
-    shape = _shape(label, L=L, B=B, H=H, P=P, n=n, d=d)
+    shape = shape_label(label, L=L, B=B, H=H, P=P, n=n, d=d)
     params = dict(model=label, resolution=int(label.split("@")[1]), L=L, B=B, H=H, P=P, n=n, d=d)
     fwd_flops = 4.0 * L * B * H * P * n * d
     probs_fp32 = L * B * H * P * n * 4

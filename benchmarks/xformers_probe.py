@@ -75,7 +75,7 @@ def main(argv=None) -> str:
 
     from fpt_fast.kernels import token_importance as kernel
 
-    from .kernels import IMPORTANCE_BATCH, _shape
+    from .kernels import IMPORTANCE_BATCH, shape_label
 
     device = torch.device("cuda")
     label = common.device_label(device)
@@ -86,7 +86,7 @@ def main(argv=None) -> str:
     qx, kx, vx = (t.transpose(1, 2) for t in (q, k, v))            # xformers' (B, N, H, d)
     for line in available_ops(fmha, qx):
         print(f"  fmha op {line}")
-    shape = _shape("ViT-B/16@1024", B=B, H=H, N=N, d=d)
+    shape = shape_label("ViT-B/16@1024", B=B, H=H, N=N, d=d)
     params = dict(model="ViT-B/16@1024", resolution=1024, B=B, H=H, N=N, d=d)
     rows = []
 
