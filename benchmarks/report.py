@@ -111,15 +111,15 @@ def training_section(rows: List[dict]) -> str:
                               r["provider"], r["params"].get("batch", 0)))
     body = [[r["provider"], r["params"].get("model"), r["params"].get("resolution"), r["params"].get("batch"),
              r["dtype"], r["device"], fmt(r["median_ms"], ".1f"), fmt(r.get("images_per_s"), ".1f"),
-             fmt(r.get("peak_mb"), ".0f"), pct(r.get("learnable_share")), fmt(r.get("ppe")), fmt(r.get("pme")),
-             status_text(r)] for r in steps]
+             fmt(r.get("peak_mb"), ".0f"), fmt(r.get("speedup_vs_reference")), fmt(r.get("memory_vs_reference"), ".3f"),
+             pct(r.get("learnable_share")), fmt(r.get("ppe")), fmt(r.get("pme")), status_text(r)] for r in steps]
     scored = next((r.get("auc") for r in steps if r.get("auc") is not None), None)
     note = ("PPE / PME use the scores passed with --auc (run_all passes the papers' published mean AUCs, "
             "docs/method.md, section 9: not scores measured here); PME is against full fine-tuning's peak at "
             "the same shape." if scored is not None else "")
     return "\n".join(["## Training step (forward, backward, clip, AdamW)", "", note,
                       table(["method", "model", "res", "batch", "dtype", "device", "ms", "img/s", "peak MB",
-                             "learnable", "PPE", "PME", "status"], body)])
+                             "x reference speed", "memory vs reference", "learnable", "PPE", "PME", "status"], body)])
 
 
 def extraction_section(rows: List[dict]) -> str:
@@ -150,21 +150,45 @@ def extraction_section(rows: List[dict]) -> str:
     return "\n".join(lines)
 
 
+def _other_ratios(r: dict) -> str:
+    """speedup_vs_<b> fields other than the reference's: "topk_gather 2.10x, eager 4.00x"."""
+    return ", ".join(f"{k[len('speedup_vs_'):]} {v:.2f}x" for k, v in r.items()
+                     if k.startswith("speedup_vs_") and k != "speedup_vs_reference" and v is not None)
+
+
 def kernels_section(rows: List[dict]) -> str:
     ker = [r for r in rows if r["op"] in ("token_importance", "attention_with_importance", "select_tokens",
-                                          "prompt_attention")]
+                                          "prompt_attention", "xformers_probe")]
     if not ker:
         return ""
     body = [[r["op"], r["mode"], r["shape"], r["dtype"], r["device"], r["provider"], fmt(r["median_ms"], ".3f"),
-             fmt(r["speedup_vs_reference"]), fmt(r["peak_extra_mb"], ".1f"),
+             fmt(r["speedup_vs_reference"]), _other_ratios(r), fmt(r["peak_extra_mb"], ".1f"),
              fmt(r.get("tflops"), ".1f") + (f" ({r['pct_peak_flops']:.0f}%)" if r.get("pct_peak_flops") else ""),
              fmt(r.get("gbps"), ".0f") + (f" ({r['pct_peak_bw']:.0f}%)" if r.get("pct_peak_bw") else ""),
              fmt(r.get("pct_of_floor"), ".0f"), status_text(r)] for r in ker]
     return "\n".join(["## Kernels", "",
-                      "Speedup = reference median / provider median, same run. % of floor = max(FLOPs / peak, "
-                      "bytes / bandwidth) over the measured time.", "",
+                      "Speedup = the other provider's median / this provider's, same run. GB/s count the fewest "
+                      "bytes the op must move (each input read once, each output written once); % of floor = "
+                      "max(FLOPs / peak, bytes / bandwidth) over the measured time. triton:<variant> rows call "
+                      "the kernel launchers directly (kernels/prompt_attention.TUNING_CANDIDATES; "
+                      "triton:lse=<source>: the row LSE from one of PyTorch's fused forwards).", "",
                       table(["op", "mode", "shape", "dtype", "device", "provider", "median ms", "x reference",
-                             "peak extra MB", "TFLOP/s (% peak)", "GB/s (% peak)", "% of floor", "status"], body)])
+                             "other ratios", "peak extra MB", "TFLOP/s (% peak)", "GB/s (% peak)", "% of floor",
+                             "status"], body)])
+
+
+def preload_section(rows: List[dict]) -> str:
+    pre = [r for r in rows if r["op"] == "preload"]
+    if not pre:
+        return ""
+    body = [[r["mode"], r["provider"], r["shape"], r["dtype"], r["device"], r["params"].get("workers"),
+             fmt(r.get("images_per_s"), ".1f"), fmt(r.get("startup_s"), ".1f"), r.get("bound") or "",
+             status_text(r)] for r in pre]
+    return "\n".join(["## Preloading: input pipeline against the frozen forward", "",
+                      "JPEG files generated in the run; loader figures are steady state (from the first batch "
+                      "delivered); nvjpeg = torchvision's GPU decoder with the same resize, a data point only.", "",
+                      table(["mode", "provider", "shape", "dtype", "device", "workers", "img/s", "start-up s",
+                             "bound", "status"], body)])
 
 
 # ---------------------------------------------------------------------------------------- plots
@@ -291,8 +315,10 @@ def render(folder) -> Path:
         raise SystemExit(f"{path} does not exist: run the benchmarks with --out {folder} first")
     data = common.load_results(folder)
     rows = data.get("rows", [])
-    sections = [header(data), memory_section(rows), extraction_section(rows), training_section(rows),
-                kernels_section(rows)]
+    from .targets import markdown as targets_markdown
+
+    sections = [header(data), targets_markdown(data), memory_section(rows), extraction_section(rows),
+                training_section(rows), preload_section(rows), kernels_section(rows)]
     try:
         images = plots(rows, folder)
     except ImportError:

@@ -238,9 +238,24 @@ def bench_steps(args, device, budget: common.Budget, gen, saver: Optional[common
                 new = _sweep_batches(args, device, budget, gen, spec, res, method, autocast, dtype_text, label)
                 rows += new
                 add_efficiency(rows, args.auc, "peak_mb")
+                add_reference_ratios(rows)
                 if saver is not None:
                     saver.add(new)  # written as it goes: a hard stop keeps what was measured
     return rows
+
+
+def add_reference_ratios(rows: List[dict]) -> None:
+    """speedup_vs_reference and memory_vs_reference of each measured step against the reference FPT's
+    at the same shape (reference_fpt_preloaded for the preloaded methods), same run."""
+    refs = {(r["provider"], r["shape"]): r for r in rows if r["provider"].startswith("reference") and r["status"] == "ok"}
+    for r in rows:
+        ref = refs.get(("reference_fpt_preloaded" if r["provider"].endswith("_preloaded") else "reference_fpt",
+                        r["shape"]))
+        if ref is None or r["status"] != "ok":
+            continue
+        r["speedup_vs_reference"] = ref["median_ms"] / r["median_ms"]
+        if ref.get("peak_mb") and r.get("peak_mb") is not None:
+            r["memory_vs_reference"] = r["peak_mb"] / ref["peak_mb"]
 
 
 def _sweep_batches(args, device, budget, gen, spec, res, method, autocast, dtype_text, label) -> List[dict]:

@@ -29,14 +29,33 @@ Layout and limits:
   accumulation, the probabilities / dS rounded to the input dtype before their products. Under the
   interpreter, bf16 dots are done in fp32 instead (UPCAST_DOT: its bf16 tl.dot is broken).
 
+Performance (the bytes model of benchmarks/kernels.py: the fewest bytes a pass moves). Training
+reads K_sel / V_sel as constants, so the backward that matters computes dq alone: the forward reads
+q, K, V and writes out and the LSE; the backward reads q, K, V, out, dout and the LSE and writes dq.
+K and V dominate (at L=12, B=64, H=12, n=205, d=64 bf16: 484 MB per pass; about 0.11 ms at an
+H200's 4.3 TB/s), so both passes should run at memory speed. The backward launches one program
+per (l, h, chunk of images): K and V are read once per image, dq is summed over a chunk in
+registers, and chunks are reduced in order by _sum_chunks_kernel. The default chunk (TARGET_PROGRAMS)
+gives 4 images per program there, a grid of 2304 programs each walking 16 dependent key blocks:
+about 2 waves of too little memory parallelism, which is the likely reason the backward ran at a
+fifth of the forward's speed on an H100. batch_chunk=1 gives the forward's grid (one program per
+(l, b, h)) for 37.7 MB of fp32 partials written and read back by the reduction (+16 % bytes). dK/dV stay in the same kernel: with P <= 64
+prompts all rows of a (l, b, h) sit in one program, so splitting dQ from dK/dV would only read K and
+V twice; delta = rowsum(dout * out) is P x d per (l, b, h), fused for the same reason. P = 16 rows
+make m16 tensor-core tiles (mma.sync, not Hopper's 64-row wgmma); computing S^T = K q^T would give
+64-row tiles, untried since the passes are memory-bound. TUNING_CANDIDATES lists the launch
+variants (batch chunk, key block, warps, stages, float32 dot precision) that benchmarks/kernels.py
+times against the default in one run and tests/ops/test_gpu_checks.py checks, so a GPU run can
+make the fastest the default; the float32 path's "tf32x3" can fall back to "ieee" the same way.
+Launch shapes are fitted to the GPU's shared memory per program (_fit_shared_memory).
+
 Caution: tested under TRITON_INTERPRET=1 on the CPU (Triton 3.8) and once on one H100 (Triton 3.6,
-torch 2.11; tests/ops/test_prompt_attention.py passed there, realistic sizes included); no other GPU yet.
-Measured there at L=12, B=64, H=12, P=16, n=205, d=64, bf16: forward 185 us (2.6 TB/s of K/V), but
-forward + backward through autograd about 1.1 ms, so the backward is not yet at memory speed. The
-fp32 path (IEEE dots on FMA units) is slower than PyTorch's SDPA. Block sizes are untuned guesses.
-The later switch to stride-preserving gradient buffers and the tiled dQ chunk reduction has run only
-under the interpreter. The fp32 path used IEEE dots when it was measured; it now takes "tf32x3" on
-sm_80+ GPUs like the other kernels, which has not yet been checked on a GPU for this kernel.
+torch 2.11; tests/ops/test_prompt_attention.py passed there, realistic sizes included); no other GPU
+yet. Measured there at L=12, B=64, H=12, P=16, n=205, d=64, bf16: forward 185 us (2.6 TB/s of K/V),
+forward + backward through autograd about 1.1 ms. The fp32 path was measured with IEEE dots (slower
+than PyTorch's SDPA); it now takes "tf32x3" on sm_80+ GPUs, not yet measured for this kernel. The
+stride-preserving gradient buffers, the tiled dQ chunk reduction, the launch overrides and the
+shared-memory fitting have run only under the interpreter.
 """
 from __future__ import annotations
 
@@ -47,13 +66,41 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import (LN2_JIT, LOG2E, LOG2E_JIT, block_d, device_guard, dot, dot_precision, load_tile,
-                      store_tile, upcast_dot)
+from ._common import (INTERPRETED, LN2_JIT, LOG2E, LOG2E_JIT, block_d, device_guard, dot, dot_precision,
+                      load_tile, store_tile, upcast_dot)
 
 # Largest prompt block one program holds; more prompts are split (see the header).
 MAX_BLOCK_P = 64
 # Shared-q backward: aim for about this many programs, batching images per program above it.
 TARGET_PROGRAMS = 2048
+# Launch variants that benchmarks/kernels.py times against the defaults in the same run (and
+# tests/ops/test_gpu_checks.py checks, so that a GPU run may make any of them the default):
+# keyword arguments of prompt_attention_forward / _backward; {} is the default launch.
+TUNING_CANDIDATES = (
+    {},
+    {"backward": {"batch_chunk": 1}},
+    {"backward": {"batch_chunk": 2}},
+    {"backward": {"batch_chunk": 1, "config": {"num_warps": 2}}},
+    {"backward": {"batch_chunk": 1, "config": {"BLOCK_N": 32}}},
+    {"backward": {"batch_chunk": 1, "config": {"num_stages": 3}}},
+    {"forward": {"config": {"num_warps": 2}}},
+    {"forward": {"config": {"BLOCK_N": 32}}},
+    {"forward": {"config": {"BLOCK_N": 128}}},
+    {"forward": {"config": {"num_stages": 3}}},
+    {"forward": {"precision": "ieee"}, "backward": {"precision": "ieee"}},
+)
+
+
+def variant_name(candidate: dict) -> str:
+    """A short label of a TUNING_CANDIDATES entry: "default", or e.g. "bwd:batch_chunk=1,num_warps=2"."""
+    parts = []
+    for side, short in (("forward", "fwd"), ("backward", "bwd")):
+        kwargs = dict(candidate.get(side, {}))
+        config = kwargs.pop("config", {})
+        items = [f"{k}={v}" for k, v in {**kwargs, **config}.items()]
+        if items:
+            parts.append(f"{short}:{','.join(items)}")
+    return " ".join(parts) or "default"
 
 
 # ------------------------------------------------------------------------------------ kernels
@@ -290,21 +337,79 @@ def _sum_chunks_kernel(X, Y, C, P,
 
 
 # ---------------------------------------------------------------------------------- launchers
+CONFIG_KEYS = ("BLOCK_N", "num_warps", "num_stages")
+PRECISIONS = ("ieee", "tf32", "tf32x3")
+
+
 def _block_p(P: int) -> int:
     return min(max(16, triton.next_power_of_2(P)), MAX_BLOCK_P)
 
 
-def _fwd_config(n: int) -> dict:
+def _shared_memory_limit(t: Tensor) -> Optional[int]:
+    """Bytes of shared memory one program may use on t's GPU (None on the CPU / interpreter)."""
+    if not t.is_cuda or INTERPRETED:
+        return None
+    props = torch.cuda.get_device_properties(t.device)
+    return getattr(props, "shared_memory_per_block_optin", None) or getattr(props, "shared_memory_per_block", None)
+
+
+def _fit_shared_memory(config: dict, t: Tensor, d: int, tiles: int) -> dict:
+    """Halves BLOCK_N (down to 16), then drops pipeline stages, until the ``tiles`` (BLOCK_N, BLOCK_D)
+    tiles of every stage fit in about 3/4 of the GPU's shared memory per program (the rest is left to
+    Triton's own layout conversions). H100s never shrink at the default sizes; GPUs with about 100 KB
+    (sm_86/89) do for float32 with large heads."""
+    limit = _shared_memory_limit(t)
+    if limit is None:
+        return config
+    config = dict(config)
+
+    def need() -> int:
+        return config["num_stages"] * tiles * config["BLOCK_N"] * block_d(d) * t.element_size()
+
+    while need() > 0.75 * limit and config["BLOCK_N"] > 16:
+        config["BLOCK_N"] //= 2
+    while need() > 0.75 * limit and config["num_stages"] > 1:
+        config["num_stages"] -= 1
+    return config
+
+
+def _launch_config(default: dict, override: Optional[dict], q: Tensor, d: int) -> dict:
+    """The default launch shape with the keys of ``override`` (CONFIG_KEYS) replaced, then fitted
+    to the GPU's shared memory (the K and V tiles of every pipeline stage live there)."""
+    override = override or {}
+    unknown = set(override) - set(CONFIG_KEYS)
+    if unknown:
+        raise ValueError(f"config keys {sorted(unknown)} are unknown: expected some of {CONFIG_KEYS}")
+    merged = dict(default, **override)
+    if merged["BLOCK_N"] < 16 or merged["BLOCK_N"] & (merged["BLOCK_N"] - 1):
+        raise ValueError(f"config BLOCK_N={merged['BLOCK_N']} must be a power of two >= 16")
+    return _fit_shared_memory(merged, q, d, tiles=2)
+
+
+def _fwd_config(q: Tensor, n: int, d: int, override: Optional[dict] = None) -> dict:
     """Key block and launch shape of the forward kernel."""
     # 64 keys per step covers n = 205 in 4 steps; small n use one bucketed block.
-    return dict(BLOCK_N=min(64, max(16, triton.next_power_of_2(n))), num_warps=4, num_stages=2)
+    default = dict(BLOCK_N=min(64, max(16, triton.next_power_of_2(n))), num_warps=4, num_stages=2)
+    return _launch_config(default, override, q, d)
 
 
-def _bwd_config(n: int, d: int) -> dict:
+def _bwd_config(q: Tensor, n: int, d: int, override: Optional[dict] = None) -> dict:
     """Key block and launch shape of the backward kernel."""
     # Large heads halve the key block to keep the K/V and dK/dV tiles in registers.
     cap = 64 if d <= 64 else 32
-    return dict(BLOCK_N=min(cap, max(16, triton.next_power_of_2(n))), num_warps=4, num_stages=2)
+    default = dict(BLOCK_N=min(cap, max(16, triton.next_power_of_2(n))), num_warps=4, num_stages=2)
+    return _launch_config(default, override, q, d)
+
+
+def _precision(q: Tensor, precision: Optional[str]) -> str:
+    """input_precision of the dots: the package policy (_common.dot_precision), or for float32
+    inputs the one asked for ("ieee", the fallback should "tf32x3" ever lose on a GPU; the
+    interpreter accepts every value and multiplies in float32 whatever it is)."""
+    if precision is None or q.dtype != torch.float32:
+        return dot_precision(q)
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r} is unknown: expected one of {PRECISIONS}")
+    return precision
 
 
 def _q_strides(q: Tensor) -> Tuple[int, int, int, int, int]:
@@ -314,10 +419,13 @@ def _q_strides(q: Tensor) -> Tuple[int, int, int, int, int]:
     return tuple(q.stride())
 
 
-def prompt_attention_forward(q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
+def prompt_attention_forward(q: Tensor, k: Tensor, v: Tensor, *, config: Optional[dict] = None,
+                             precision: Optional[str] = None) -> Tuple[Tensor, Tensor]:
     """q (L, H, P, d) or (L, B, H, P, d); k, v (L, B, H, n, d), one float dtype, any strides.
 
-    Returns out (L, B, P, H*d) in q's dtype and lse (L, B, H, P) float32.
+    Returns out (L, B, P, H*d) in q's dtype and lse (L, B, H, P) float32. config overrides the
+    launch shape (CONFIG_KEYS), precision the float32 dot precision (PRECISIONS): both for
+    benchmarks comparing variants; the defaults are what fpt_fast.ops runs.
     """
     L, B, H, n, d = k.shape
     P = q.shape[-2]
@@ -331,8 +439,8 @@ def prompt_attention_forward(q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, T
             *_q_strides(q), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
             B, H, P, n, d ** -0.5 * LOG2E,
             HEAD_DIM=d, BLOCK_P=block_p, BLOCK_D=bd,
-            EVEN_P=P % block_p == 0, EVEN_D=d == bd, DOT_PRECISION=dot_precision(q),
-            UPCAST_DOT=upcast_dot(q.dtype), **_fwd_config(n),
+            EVEN_P=P % block_p == 0, EVEN_D=d == bd, DOT_PRECISION=_precision(q, precision),
+            UPCAST_DOT=upcast_dot(q.dtype), **_fwd_config(q, n, d, config),
         )
     return out, lse
 
@@ -346,21 +454,27 @@ def _batch_chunk(q: Tensor, L: int, B: int, H: int) -> int:
 
 
 def prompt_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
-                              lse: Tensor, need_kv_grad: bool
+                              lse: Tensor, need_kv_grad: bool, *, config: Optional[dict] = None,
+                              batch_chunk: Optional[int] = None, precision: Optional[str] = None
                               ) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
     """grad_out, out (L, B, P, H*d); q, k, v as in forward; lse (L, B, H, P) float32.
 
     Returns dq (q's shape and dtype; summed over the batch for a shared q) and, when need_kv_grad,
-    dk, dv (k's / v's shapes and dtypes), else None, None.
+    dk, dv (k's / v's shapes and dtypes), else None, None. config and precision as in the forward;
+    batch_chunk (shared q only) overrides the images one program sums (_batch_chunk): 1 gives one
+    program per (l, b, h), as in the forward, at the price of B fp32 partials of dq to reduce.
     """
     L, B, H, n, d = k.shape
     P = q.shape[-2]
     dtype = q.dtype
     block_p, bd = _block_p(P), block_d(d)
-    config = _bwd_config(n, d)
-    chunk = _batch_chunk(q, L, B, H)
-    C = triton.cdiv(B, chunk)
+    launch = _bwd_config(q, n, d, config)
     shared = q.dim() == 4
+    if batch_chunk is not None and (isinstance(batch_chunk, bool) or not isinstance(batch_chunk, int)
+                                    or batch_chunk < 1):
+        raise ValueError(f"batch_chunk={batch_chunk!r} must be an int >= 1")
+    chunk = _batch_chunk(q, L, B, H) if batch_chunk is None or not shared else min(batch_chunk, B)
+    C = triton.cdiv(B, chunk)
 
     # Gradients are allocated like their inputs (empty_like keeps dense strides), which is what the
     # fake implementation in fpt_fast.ops promises torch.compile; the kernels write through strides.
@@ -390,8 +504,8 @@ def prompt_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor,
                 B, H, p1 - p0, n, chunk, d ** -0.5 * LOG2E, d ** -0.5,
                 HEAD_DIM=d, BLOCK_P=block_p, BLOCK_D=bd,
                 EVEN_P=(p1 - p0) == block_p, EVEN_D=d == bd, NEED_KV=bool(need_kv_grad),
-                ACC_KV=i > 0, DOT_PRECISION=dot_precision(q),
-                UPCAST_DOT=upcast_dot(dtype), **config,
+                ACC_KV=i > 0, DOT_PRECISION=_precision(q, precision),
+                UPCAST_DOT=upcast_dot(dtype), **launch,
             )
 
         if shared and C > 1:

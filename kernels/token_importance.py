@@ -28,6 +28,13 @@ registers (a matrix-vector product: no tl.dot, so no precision setting); given t
 runs one program per key block, else one program per (b, h) that first computes LSE_0 (an online
 log-sum-exp over the key blocks) and then writes the scores.
 
+The row LSE can also come from PyTorch's fused attention forwards (attention_forward_from: the
+flash, memory-efficient and cuDNN kernels return the natural-log logsumexp with their output; cuDNN's
+with a trailing axis of 1, the memory-efficient one padded to a multiple of 32 rows, both read as
+(B, H, N) views), then the same importance kernel. fpt_fast.ops.triton_backend.ATTENTION_LSE_SOURCE
+picks the source of attention_with_importance; it stays "own" until benchmarks/kernels.py (rows
+triton:lse=<source>, checked against the own LSE before they are timed) shows one faster on a GPU.
+
 Caution: tested on one GPU model only, an NVIDIA H100 (Triton 3.6, PyTorch 2.11), and under
 TRITON_INTERPRET=1 on the CPU (Triton 3.8). tests/ops/test_token_importance.py passed on both with
 float32 dots in "ieee"; the "tf32x3" float32 path now used on GPUs, and its float32 block sizes,
@@ -390,4 +397,67 @@ def class_token_importance_forward(q: Tensor, k: Tensor, lse: Optional[Tensor], 
     return scores
 
 
-__all__ = ["attention_forward", "token_importance_forward", "class_token_importance_forward"]
+# ------------------------------------------------------------------- LSE from PyTorch's forwards
+# Where the attention output and the row LSE can come from before the importance kernel: "own" is
+# attention_forward above; the others are PyTorch's fused attention forwards, which return the row
+# logsumexp with the output (the flash forward has a CPU twin, used under the interpreter in tests).
+LSE_SOURCES = ("own", "flash", "efficient", "cudnn")
+
+
+def lse_source_reason(source: str, q: Tensor) -> Optional[str]:
+    """Why ``source`` cannot give (out, lse) for q, k, v like q (B, H, N, d): None when it can."""
+    if source not in LSE_SOURCES:
+        raise ValueError(f"LSE source {source!r} is unknown: expected one of {LSE_SOURCES}")
+    if source == "own":
+        return None
+    d = q.shape[-1]
+    if q.stride(-1) != 1:
+        return "needs a unit stride along the head dimension"
+    if not q.is_cuda:
+        # PyTorch has a CPU twin of the flash forward only, whose float16/bfloat16 LSE is about
+        # 3e-5 off (logits in reduced precision): too coarse for the scores.
+        if source != "flash":
+            return f"{source} has no CPU kernel"
+        return None if q.dtype == torch.float32 else "the CPU flash forward's 16-bit LSE is too coarse"
+    if source in ("flash", "cudnn") and q.dtype == torch.float32:
+        return f"{source} takes float16/bfloat16 only"
+    if d % 8:
+        return f"head size {d} is not a multiple of 8"
+    if source == "cudnn" and (d > 128 or torch.cuda.get_device_capability(q.device)[0] < 8):
+        return "cudnn needs head size <= 128 and an sm_80+ GPU"
+    return None
+
+
+def _lse_rows(lse: Tensor, q: Tensor, source: str) -> Tensor:
+    """The (B, H, N) float32 view of a PyTorch forward's logsumexp: cuDNN's carries a trailing axis
+    of 1, the memory-efficient kernel pads N to a multiple of 32. Anything else is an error."""
+    B, H, N = q.shape[:3]
+    if lse.dim() == 4 and lse.shape[-1] == 1:
+        lse = lse[..., 0]
+    if lse.dim() != 3 or tuple(lse.shape[:2]) != (B, H) or lse.shape[2] < N or lse.dtype != torch.float32:
+        raise RuntimeError(f"the {source} attention forward returned a logsumexp of shape "
+                           f"{tuple(lse.shape)} ({lse.dtype}); expected float32 (B, H, >= N) = ({B}, {H}, {N})")
+    return lse[..., :N]
+
+
+def attention_forward_from(source: str, q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
+    """(out (B, H, N, d) in q's dtype, lse (B, H, N) float32 natural log, any strides) from
+    ``source`` (LSE_SOURCES); lse_source_reason(source, q) must be None. "own" is attention_forward."""
+    reason = lse_source_reason(source, q)
+    if reason is not None:
+        raise ValueError(f"LSE source {source!r} cannot run q ({tuple(q.shape)}, {q.dtype} on {q.device}): {reason}")
+    if source == "own":
+        return attention_forward(q, k, v)
+    aten = torch.ops.aten
+    if source == "flash":
+        flash = aten._scaled_dot_product_flash_attention if q.is_cuda else aten._scaled_dot_product_flash_attention_for_cpu
+        result = flash(q, k, v)
+    elif source == "efficient":
+        result = aten._scaled_dot_product_efficient_attention(q, k, v, None, True)
+    else:
+        result = aten._scaled_dot_product_cudnn_attention(q, k, v, None, True)
+    return result[0], _lse_rows(result[1], q, source)
+
+
+__all__ = ["attention_forward", "token_importance_forward", "class_token_importance_forward", "LSE_SOURCES",
+           "lse_source_reason", "attention_forward_from"]

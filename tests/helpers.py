@@ -1,5 +1,6 @@
-"""Shared test utilities: tiny random backbones, set comparisons of selected rows, and the official
-position-embedding rule written out as an oracle (docs/method.md, section 3)."""
+"""Shared test utilities: tiny random backbones, set comparisons of selected rows, the official
+position-embedding rule written out as an oracle (docs/method.md, section 3), and PyTorch's own
+prompt attention in the inputs' dtype (the low-precision yardstick) and its gradients."""
 import math
 
 import numpy as np
@@ -61,3 +62,23 @@ def official_resampling(pos_embed, num_prefix, stored, grid):
     resampled = np.einsum("ia,jb,abd->ijd", official_axis(stored[0], grid[0]), official_axis(stored[1], grid[1]),
                           patches).reshape(grid[0] * grid[1], -1)
     return torch.from_numpy(np.concatenate([values[:num_prefix], resampled]))[None].float()
+
+
+def eager_prompt_attention(q, k, v):
+    """Prompt attention in plain PyTorch, computed in the inputs' own dtype: the yardstick of
+    low-precision results. q (L, H, P, d) or (L, B, H, P, d); k, v (L, B, H, n, d) -> (L, B, P, H*d)."""
+    if q.dim() == 4:
+        q = q[:, None]
+    probs = (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(dim=-1)
+    out = probs @ v
+    L, B, H, P, d = out.shape
+    return out.permute(0, 1, 3, 2, 4).reshape(L, B, P, H * d)
+
+
+def value_and_grads(fn, q, k, v, grad):
+    """[out, dq, dk, dv] of out = fn(q, k, v): the gradients of <out, grad> for the inputs that
+    require them, None for the others."""
+    out = fn(q, k, v)
+    wrt = [t for t in (q, k, v) if t.requires_grad]
+    grads = iter(torch.autograd.grad(out, wrt, grad))
+    return [out.detach()] + [next(grads) if t.requires_grad else None for t in (q, k, v)]

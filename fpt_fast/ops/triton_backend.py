@@ -9,11 +9,26 @@ import torch
 from torch import Tensor
 
 
+# Where attention_with_importance takes the attention output and row LSE that its importance kernel
+# reads: "own" (the Triton flash forward) or one of PyTorch's fused forwards ("flash", "efficient",
+# "cudnn": kernels.token_importance.LSE_SOURCES). "own" until a GPU run of benchmarks/kernels.py
+# (op attention_lse_source) shows one of PyTorch's faster on the device; calls a source cannot run
+# (float32 for flash/cudnn, head sizes that are not multiples of 8) take "own".
+ATTENTION_LSE_SOURCE = "own"
+
+
 @torch.library.custom_op("fpt_fast::attention_with_importance", mutates_args=())
 def _attention_with_importance(q: Tensor, k: Tensor, v: Tensor, class_token: bool) -> Tuple[Tensor, Tensor]:
     from ..kernels import token_importance as kernel
 
-    out, lse = kernel.attention_forward(q, k, v)
+    source = ATTENTION_LSE_SOURCE if kernel.lse_source_reason(ATTENTION_LSE_SOURCE, q) is None else "own"
+    out, lse = kernel.attention_forward_from(source, q, k, v)
+    if source != "own":
+        # PyTorch's forwards lay their output out their own way; the fake implementation promises
+        # empty_like(q)'s layout, which the own forward writes.
+        like = torch.empty_like(q)
+        if out.stride() != like.stride():
+            out = like.copy_(out)
     if class_token:
         return out, kernel.class_token_importance_forward(q, k, lse)
     return out, kernel.token_importance_forward(q, k, lse)

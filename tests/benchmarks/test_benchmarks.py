@@ -5,6 +5,7 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -12,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # benchmarks/ is a top-level folder of the repository, not installed
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import common, extraction, kernels, report, training  # noqa: E402
+from benchmarks import common, extraction, kernels, preload, report, targets, training, xformers_probe  # noqa: E402
 
 KEY_FIELDS = {"op", "provider", "mode", "shape", "dtype", "device", "median_ms", "status", "reason",
               "speedup_vs_reference", "peak_extra_mb", "params"}
@@ -168,3 +169,98 @@ def test_efficiency_scores_of_the_rows():
     assert "pme" not in rows[2]  # no full fine-tuning row at its shape
     assert training.parse_auc("87") == {m: 87.0 for m in ("fpt", "fpt+", "full_ft", "lora")}
     assert training.parse_auc("fpt=1,full_ft=2") == {"fpt": 1.0, "full_ft": 2.0}
+
+
+# --------------------------------------------------- preloading, targets, run_all (issue 16)
+def test_preload_smoke(out):
+    preload.main(["--smoke", "--out", str(out), "--workers", "0"])
+    rows, _ = _rows(out, "preload")
+    _check_keys(rows)
+    by = {r["provider"]: r for r in rows}
+    for provider in ("pil_loader", "frozen_forward", "pil_loader+frozen"):
+        assert by[provider]["status"] == "ok" and by[provider]["images_per_s"] > 0, provider
+    assert by["pil_loader+frozen"]["bound"].startswith(("decoding", "the frozen forward"))
+    assert by["nvjpeg"]["status"] == "skipped" and "CUDA" in by["nvjpeg"]["reason"]
+
+
+def test_synthetic_jpegs_decode_to_their_size(tmp_path):
+    made = preload.make_jpegs(tmp_path, 3, 40, 24, workers=1)
+    assert made["images"] == 3 and made["bytes"] > 0
+    from fpt_fast.app.data import load_image
+
+    image = load_image(next((tmp_path / "train").rglob("*.jpg")))  # an 8-bit RGB PIL image
+    pixels = np.asarray(image)
+    assert image.mode == "RGB" and pixels.shape == (24, 40, 3) and 0 < pixels.mean() < 255
+
+
+def test_targets_are_computed_from_the_smoke_rows(out):
+    """Every target line of a smoke run is computed from its own rows, or says why not (on the CPU
+    only peak memory, which needs the CUDA allocator); the printed table ends the output."""
+    data = json.loads((out / "results.json").read_text())
+    if not {r["op"] for r in data["rows"]} >= {"token_importance", "extract", "train_step", "preload"}:
+        pytest.skip("needs the smoke runs above")
+    lines = targets.evaluate(data)
+    assert len(lines) == 10
+    for line in lines:
+        assert line.verdict in ("met", "MISSED", "not measured") and line.where
+    missing = [line.target for line in lines if line.value is None]
+    assert missing == ["FPT step peak memory vs reference, no preload"], missing
+    assert "not recorded on cpu" in lines[7].where
+    text = targets.main([str(out)])
+    assert text.splitlines()[-1].endswith("not measured") and "SMOKE" in text
+    assert json.loads((out / "targets.json").read_text())["targets"][0]["target"] == lines[0].target
+
+
+def test_choices_name_the_fastest_variant_and_lse_source():
+    def r(op, provider, ms, shape="s", mode="fwd"):
+        return dict(common.row(op, provider, mode, shape, "bfloat16", "cuda: X"), median_ms=ms)
+
+    rows = [r("prompt_attention", "triton:default", 2.0, mode="fwd+bwd"),
+            r("prompt_attention", "triton:bwd:batch_chunk=1", 0.5, mode="fwd+bwd"),
+            r("prompt_attention", "eager", 0.1, mode="fwd+bwd"),
+            r("attention_with_importance", "triton:kernels", 1.0),
+            r("attention_with_importance", "triton:lse=cudnn", 1.25),
+            dict(r("attention_with_importance", "triton:lse=flash", None), status="error", reason="LSE differs")]
+    text = "\n".join(targets.choices(rows))
+    assert "fastest triton:bwd:batch_chunk=1 0.500 ms vs triton:default 2.000 ms (4.00x)" in text
+    assert "fastest triton:kernels 1.000 ms vs triton:kernels" in text  # the own forward stays
+
+
+def test_prompt_attention_bytes_model():
+    """Forward: q once (shared), K and V, out and the LSE; fwd+bwd adds q, K, V, out, dout, LSE, dq."""
+    L, B, H, P, n, d, es = 2, 3, 4, 5, 7, 8, 2
+    q, kv, o, lse = L * H * P * d * es, 2 * L * B * H * n * d * es, L * B * P * H * d * es, L * B * H * P * 4
+    assert kernels.prompt_attention_bytes(L, B, H, P, n, d, es, True, "fwd") == q + kv + o + lse
+    assert kernels.prompt_attention_bytes(L, B, H, P, n, d, es, True, "fwd+bwd") == 3 * q + 2 * kv + 3 * o + 2 * lse
+
+
+def test_xformers_probe_says_why_it_cannot_run(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("xformers") is not None:
+        pytest.skip("xformers is installed here")
+    verdict = xformers_probe.main(["--out", str(tmp_path)])
+    assert verdict.startswith("xformers verdict: cannot run here (import failed")
+
+
+def test_run_all_on_the_cpu(tmp_path):
+    """benchmarks/run_all's CPU path with a subset of steps: the folder's files, the steps record,
+    the archive, and the targets table as the last lines of its output."""
+    import os
+    import subprocess
+    import tarfile
+
+    folder, archive = tmp_path / "run", tmp_path / "run.tgz"
+    env = dict(os.environ, PYTHON=sys.executable, RUN_ALL_STEPS="preload,targets", RUN_ALL_SECONDS="120",
+               RUN_ALL_ARCHIVE=str(archive))
+    done = subprocess.run([str(ROOT / "benchmarks" / "run_all"), str(folder)], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for name in ("results.json", "targets.json", "targets.txt", "versions.txt", "steps.tsv", "run_all.log"):
+        assert (folder / name).stat().st_size > 0, name
+    assert [line.split("\t")[0] for line in (folder / "steps.tsv").read_text().splitlines()] == ["preload"]
+    last = done.stdout.strip().splitlines()
+    assert last[-1].startswith(("0 of 10 targets met", "1 of 10 targets met")) and "Targets" in "\n".join(last[-13:])
+    assert "torch " in (folder / "versions.txt").read_text()
+    with tarfile.open(archive) as tar:
+        assert any(name.endswith("run/results.json") for name in tar.getnames())

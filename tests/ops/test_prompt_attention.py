@@ -12,6 +12,7 @@ import torch
 
 import fpt_fast.kernels.prompt_attention as kernel
 from fpt_fast import ops, reference
+from helpers import eager_prompt_attention, value_and_grads
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TRITON_REASON = "; ".join(ops.unsupported_reasons("triton", "prompt_attention", DEVICE)) or None
@@ -58,27 +59,9 @@ def _inputs(L, B, H, P, n, d, shared, dtype=torch.float32, seed=0, kv_grad=True)
     return q, k, v, grad.to(DEVICE, dtype)
 
 
-def _run(fn, q, k, v, grad):
-    """out and the gradients of <out, grad> for the inputs that require them (None otherwise)."""
-    out = fn(q, k, v)
-    wrt = [t for t in (q, k, v) if t.requires_grad]
-    grads = iter(torch.autograd.grad(out, wrt, grad))
-    return [out.detach()] + [next(grads) if t.requires_grad else None for t in (q, k, v)]
-
-
 def _reference64(q, k, v, grad):
     leaves = [t.detach().double().requires_grad_(t.requires_grad) for t in (q, k, v)]
-    return _run(reference.prompt_attention, *leaves, grad.double())
-
-
-def _eager_low_precision(q, k, v):
-    """Plain PyTorch attention computed in the inputs' own dtype: the low-precision yardstick."""
-    if q.dim() == 4:
-        q = q[:, None]
-    probs = (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(dim=-1)
-    out = probs @ v
-    L, B, H, P, d = out.shape
-    return out.permute(0, 1, 3, 2, 4).reshape(L, B, P, H * d)
+    return value_and_grads(reference.prompt_attention, *leaves, grad.double())
 
 
 def _max_err(a, b):
@@ -109,7 +92,7 @@ def test_fp32_output_and_gradients(backend, shape):
     _skip_unless_runs(backend)
     for seed in (0, 1):
         q, k, v, grad = _inputs(*shape, seed=seed)
-        got = _run(lambda *a: ops.prompt_attention(*a, backend=backend), q, k, v, grad)
+        got = value_and_grads(lambda *a: ops.prompt_attention(*a, backend=backend), q, k, v, grad)
         _assert_close_all(got, _reference64(q, k, v, grad), torch.float32)
 
 
@@ -121,11 +104,11 @@ def test_low_precision_output_and_gradients(backend, dtype, shape):
     _skip_unless_runs(backend)
     q, k, v, grad = _inputs(*shape, dtype=dtype, seed=2)
     want = _reference64(q, k, v, grad)
-    got = _run(lambda *a: ops.prompt_attention(*a, backend=backend), q, k, v, grad)
+    got = value_and_grads(lambda *a: ops.prompt_attention(*a, backend=backend), q, k, v, grad)
     _assert_close_all(got, want, dtype)
     # PyTorch's own error in this dtype on the same inputs: the kernels may be at most twice as far
     # from the float64 truth (plus a floor for entries where the eager run happens to be exact).
-    eager = _run(_eager_low_precision, q, k, v, grad)
+    eager = value_and_grads(eager_prompt_attention, q, k, v, grad)
     floor = TOL[dtype][0] / 5
     for name, a, e, w in zip(NAMES, got, eager, want):
         err, base = _max_err(a, w), _max_err(e, w)
@@ -155,7 +138,7 @@ def test_only_dq_when_kv_need_no_grad(shared, monkeypatch):
 
     monkeypatch.setattr(kernel, "prompt_attention_backward", spy)
     q, k, v, grad = _inputs(2, 3, 2, 5, 70, 32, shared, kv_grad=False)
-    got = _run(lambda *a: ops.prompt_attention(*a, backend="triton"), q, k, v, grad)
+    got = value_and_grads(lambda *a: ops.prompt_attention(*a, backend="triton"), q, k, v, grad)
     assert calls == [(False, None, None)]
     _assert_close_all(got, _reference64(q, k, v, grad), torch.float32)
 
@@ -169,7 +152,7 @@ def test_prompts_split_over_blocks(dtype, P, monkeypatch):
     monkeypatch.setattr(kernel, "MAX_BLOCK_P", 16)
     for shared in (True, False):
         q, k, v, grad = _inputs(1, 3, 2, P, 33, 32, shared, dtype=dtype, seed=3)
-        got = _run(lambda *a: ops.prompt_attention(*a, backend="triton"), q, k, v, grad)
+        got = value_and_grads(lambda *a: ops.prompt_attention(*a, backend="triton"), q, k, v, grad)
         _assert_close_all(got, _reference64(q, k, v, grad), dtype)
 
 
@@ -181,7 +164,7 @@ def test_shared_dq_summed_over_batch_chunks(chunk, monkeypatch):
     monkeypatch.setattr(kernel, "TARGET_PROGRAMS", L * B * H // chunk)
     assert kernel._batch_chunk(torch.empty(L, H, 5, 16), L, B, H) == chunk
     q, k, v, grad = _inputs(L, B, H, 5, 33, 48, True, seed=4)
-    got = _run(lambda *a: ops.prompt_attention(*a, backend="triton"), q, k, v, grad)
+    got = value_and_grads(lambda *a: ops.prompt_attention(*a, backend="triton"), q, k, v, grad)
     _assert_close_all(got, _reference64(q, k, v, grad), torch.float32)
 
 
@@ -205,11 +188,11 @@ def _strided_like(t, layout):
 def test_non_contiguous_inputs(layout, shared):
     q, k, v, grad = _inputs(2, 3, 2, 5, 33, 32, shared, seed=5)
     fn = lambda *a: ops.prompt_attention(*a, backend="triton")
-    want = _run(fn, q, k, v, grad)
+    want = value_and_grads(fn, q, k, v, grad)
     strided = [_strided_like(t, layout).requires_grad_() for t in (q, k, v)]
     assert not any(t.is_contiguous() for t in strided)
     grad_t = grad.transpose(0, 1).contiguous().transpose(0, 1)  # a non-contiguous incoming gradient
-    got = _run(fn, *strided, grad_t)
+    got = value_and_grads(fn, *strided, grad_t)
     for name, a, b in zip(NAMES, got, want):
         # Same arithmetic in the same order, only the addresses differ: bitwise equal.
         assert torch.equal(a, b), name
@@ -222,7 +205,7 @@ def test_deterministic(dtype, shared, monkeypatch):
     monkeypatch.setattr(kernel, "TARGET_PROGRAMS", 6)  # shared q: 2 batch chunks plus the reduction
     q, k, v, grad = _inputs(2, 3, 2, 17, 70, 32, shared, dtype=dtype, seed=6)
     fn = lambda *a: ops.prompt_attention(*a, backend="triton")
-    first, second = _run(fn, q, k, v, grad), _run(fn, q, k, v, grad)
+    first, second = value_and_grads(fn, q, k, v, grad), value_and_grads(fn, q, k, v, grad)
     for name, a, b in zip(NAMES, first, second):
         assert torch.equal(a, b), name
 
@@ -257,7 +240,7 @@ def test_torch_compile_fullgraph():
         return (ops.prompt_attention(q, k, v, backend="triton") * w).sum()
 
     q, k, v, grad = _inputs(1, 2, 2, 5, 7, 16, True, seed=8)
-    want = _run(lambda *a: ops.prompt_attention(*a, backend="triton"), q, k, v, grad)
+    want = value_and_grads(lambda *a: ops.prompt_attention(*a, backend="triton"), q, k, v, grad)
     torch._dynamo.reset()
     value = torch.compile(loss, fullgraph=True)(q, k, v, grad)
     grads = torch.autograd.grad(value, (q, k, v))
@@ -311,8 +294,8 @@ def test_bad_inputs_raise_before_launch(case, backend, monkeypatch):
 def test_realistic_sizes_vs_torch_backend(dtype, shared):
     """FPT on ViT-B at 512 px: 12 layers, 12 heads, 16 prompts, 205 selected tokens, d = 64."""
     q, k, v, grad = _inputs(12, 32, 12, 16, 205, 64, shared, dtype=dtype, seed=9)
-    got = _run(lambda *a: ops.prompt_attention(*a, backend="triton"), q, k, v, grad)
-    want = _run(lambda *a: ops.prompt_attention(*a, backend="torch"), q, k, v, grad)
+    got = value_and_grads(lambda *a: ops.prompt_attention(*a, backend="triton"), q, k, v, grad)
+    want = value_and_grads(lambda *a: ops.prompt_attention(*a, backend="torch"), q, k, v, grad)
     truth = _reference64(q, k, v, grad)
     atol, rtol = TOL[dtype]
     for name, a, b, t in zip(NAMES, got, want, truth):
