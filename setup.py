@@ -53,14 +53,15 @@ setup(
     "medical image classification",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    python_requires=">=3.9",
+    # torch 2.14.1 and timm 1.0.31 (the tested versions) declare Requires-Python >=3.10.
+    python_requires=">=3.10",
     packages=["fpt_fast", "fpt_fast.ops", "fpt_fast.model", "fpt_fast.app", "fpt_fast.kernels", "fpt_fast.csrc"],
     package_dir={"fpt_fast": "fpt_fast", "fpt_fast.kernels": "kernels", "fpt_fast.csrc": "csrc"},
     package_data={"fpt_fast.csrc": ["*.cpp", "*.h", "*.cu"]},
     install_requires=[
         "torch>=2.4,<=2.14.1",
         "triton; platform_system == 'Linux'",
-        "timm>=1.0.9",
+        "timm>=1.0.20",  # DINOv3 (Eva with rotate-half RoPE)
         "numpy",
         "safetensors",
         "pyyaml",

@@ -1,6 +1,8 @@
 """Shared test utilities: tiny random backbones, set comparisons of selected rows, the official
-position-embedding rule written out as an oracle (docs/method.md, section 3), and PyTorch's own
-prompt attention in the inputs' dtype (the low-precision yardstick) and its gradients."""
+position-embedding rule written out as an oracle (docs/method.md, section 3), PyTorch's own
+prompt attention in the inputs' dtype (the low-precision yardstick) and its gradients, and the
+layouts in which backbone weights are published, written from a timm model."""
+import argparse
 import math
 
 import numpy as np
@@ -82,3 +84,64 @@ def value_and_grads(fn, q, k, v, grad):
     wrt = [t for t in (q, k, v) if t.requires_grad]
     grads = iter(torch.autograd.grad(out, wrt, grad))
     return [out.detach()] + [next(grads) if t.requires_grad else None for t in (q, k, v)]
+
+
+# ---------------------------------------------------------------- published layouts of backbone weights
+def timm_layout(model):
+    return model.state_dict()
+
+
+def retfound_mae_layout(model):
+    """MAE's checkpoint: {"model": encoder + decoder + mask token, ...} with its training arguments."""
+    state = dict(model.state_dict())
+    D = model.embed_dim
+    state.update({"mask_token": torch.randn(1, 1, D), "decoder_embed.weight": torch.randn(32, D),
+                  "decoder_pos_embed": torch.randn(1, 17, 32), "decoder_blocks.0.norm1.weight": torch.ones(32),
+                  "decoder_norm.weight": torch.ones(32), "decoder_pred.weight": torch.randn(768, 32)})
+    return {"model": state, "epoch": 799, "args": argparse.Namespace(model="mae_vit_large_patch16", mask_ratio=0.75)}
+
+
+def dinov2_teacher_layout(model):
+    """A DINOv2 training checkpoint: {"teacher": {"backbone.*" in DINOv2's own layout (with
+    registers: class token and registers apart, the class token's position embedding folded out of
+    it; a mask token), blocks in FSDP chunks of two, the DINO and iBOT heads}, "iteration": ...}."""
+    state = model.state_dict()
+    D = model.embed_dim
+    backbone = {"mask_token": torch.randn(1, D)}
+    if "reg_token" in state:  # timm keeps the registers and the class token outside pos_embed
+        position_of_class = torch.randn(1, 1, D)
+        backbone.update({"cls_token": state["cls_token"] - position_of_class,
+                         "pos_embed": torch.cat([position_of_class, state["pos_embed"]], dim=1),
+                         "register_tokens": state["reg_token"]})
+    for key, value in state.items():
+        if key.startswith("blocks."):
+            index = int(key.split(".")[1])
+            key = f"blocks.{index // 2}.{key[len('blocks.'):]}"  # chunk c holds blocks 2c and 2c + 1
+        backbone.setdefault(key, value)
+    teacher = {f"backbone.{k}": v for k, v in backbone.items()}
+    teacher.update({"dino_head.mlp.0.weight": torch.randn(16, D), "ibot_head.last_layer.weight_g": torch.ones(8)})
+    return {"teacher": teacher, "iteration": 1000}
+
+
+def openclip_layout(model):
+    """An OpenCLIP model with a timm vision tower (CONCH, BiomedCLIP): visual.trunk.* plus the
+    visual projection and the text tower."""
+    state = {f"visual.trunk.{k}": v for k, v in model.state_dict().items()}
+    state.update({"visual.head.proj.weight": torch.randn(32, model.embed_dim), "logit_scale": torch.tensor(4.6),
+                  "text.transformer.resblocks.0.attn.in_proj_weight": torch.randn(96, 32)})
+    return state
+
+
+def dinov3_layout(model):
+    """DINOv3's own layout: storage tokens, ls1/ls2 gammas, one qkv bias (q, zero k, v), the
+    rope periods and the mask token."""
+    state = {}
+    for key, value in model.state_dict().items():
+        key = key.replace("reg_token", "storage_tokens").replace("gamma_1", "ls1.gamma").replace("gamma_2", "ls2.gamma")
+        if key.endswith("attn.q_bias"):
+            v_bias = model.state_dict()[key.replace("q_bias", "v_bias")]
+            state[key.replace("q_bias", "qkv.bias")] = torch.cat([value, torch.zeros_like(value), v_bias])
+        elif not key.endswith("attn.v_bias"):
+            state[key] = value
+    state.update({"rope_embed.periods": torch.ones(8), "mask_token": torch.randn(1, model.embed_dim)})
+    return state

@@ -24,8 +24,8 @@ from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Tuple
 
 import yaml
 
+from ..model.backbone_weights import read_weights_file
 from ..model.config import PRESETS, FPTConfig
-from .files import read_torch_file
 
 SECTIONS = ("model", "data", "preload", "train")
 
@@ -327,7 +327,8 @@ def check_ranges(tree: dict) -> None:
 
 def check_backbone_file(path: Optional[str]) -> None:
     """model.checkpoint_path, when set, is a file of weights that can be read: a .safetensors
-    file, or a torch.save file holding a mapping (opened memory-mapped: its tensors are not read)."""
+    file (its header), or a torch.save file holding a mapping, read as the frozen branch reads it
+    (fpt_fast.model.backbone_weights.read_weights_file; memory-mapped: its tensors are not read)."""
     if path is None:
         return
     what = "setting model.checkpoint_path"
@@ -341,9 +342,7 @@ def check_backbone_file(path: Optional[str]) -> None:
         except (SafetensorError, OSError) as e:
             raise ValueError(f"{what}={path!r} cannot be read as a safetensors file: {e}") from None
         return
-    weights = read_torch_file(path, what, mmap=True)
-    if not isinstance(weights, dict):
-        raise ValueError(f"{what}={path!r} holds a {type(weights).__name__}, not a state dict of the backbone's weights")
+    read_weights_file(path, what)
 
 
 # Names of the official implementation's settings, for a hint when they are used here.

@@ -6,7 +6,6 @@ The presets follow the official configurations (FPT paper, MICCAI 2024; FPT+ pap
 from __future__ import annotations
 
 import dataclasses
-import functools
 import numbers
 import os
 from dataclasses import dataclass, field
@@ -15,6 +14,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 from ..ops import IMPORTANCE_MODES, canonical_backend
+from .backbones import BackboneInfo, read_backbone_info
 
 Size = Union[int, Tuple[int, int]]
 
@@ -23,61 +23,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 POS_EMBED_RESAMPLING = ("official", "timm")
 # LayerNorm eps of the official code's HuggingFace ViTs (google/vit-base-patch16-384's config); timm's is 1e-6.
 HF_LAYER_NORM_EPS = 1e-12
-
-
-@dataclass(frozen=True)
-class BackboneInfo:
-    """What FPT needs to know of a timm ViT, read without loading weights."""
-
-    name: str
-    embed_dim: int
-    num_heads: int
-    depth: int
-    patch_size: Tuple[int, int]
-    num_prefix_tokens: int
-    has_class_token: bool
-
-    @property
-    def head_dim(self) -> int:
-        return self.embed_dim // self.num_heads
-
-
-def read_backbone_info(name: str, backbone_kwargs: Optional[dict] = None) -> BackboneInfo:
-    """Builds the named timm model on the meta device (no memory, no weights) and reads its shape."""
-    return _read_backbone_info(name, tuple(sorted((backbone_kwargs or {}).items())))
-
-
-@functools.lru_cache(maxsize=64)
-def _read_backbone_info(name: str, kwargs: tuple) -> BackboneInfo:
-    import timm
-
-    if not timm.is_model(name):
-        raise ValueError(
-            f"FPTConfig.backbone: unknown timm model {name!r}; expected a VisionTransformer name "
-            f"such as 'vit_base_patch16_384' (see timm.list_models('vit_*'))"
-        )
-    try:
-        with torch.device("meta"):
-            model = timm.create_model(name, pretrained=False, num_classes=0, **dict(kwargs))
-    except TypeError as e:
-        raise ValueError(f"FPTConfig.backbone_kwargs={dict(kwargs)!r} are not accepted by {name!r}: {e}") from e
-    missing = [a for a in ("patch_embed", "blocks", "embed_dim", "num_prefix_tokens") if not hasattr(model, a)]
-    if missing:
-        raise ValueError(
-            f"FPTConfig.backbone: {name!r} ({type(model).__name__}) is not a timm VisionTransformer; "
-            f"it lacks {missing}"
-        )
-    attn = model.blocks[0].attn
-    patch = model.patch_embed.patch_size
-    return BackboneInfo(
-        name=name,
-        embed_dim=int(model.embed_dim),
-        num_heads=int(attn.num_heads),
-        depth=len(model.blocks),
-        patch_size=(int(patch[0]), int(patch[1])),
-        num_prefix_tokens=int(model.num_prefix_tokens),
-        has_class_token=getattr(model, "cls_token", None) is not None,
-    )
 
 
 def _pair(size: Size) -> Tuple[int, int]:
@@ -113,8 +58,13 @@ class FPTConfig:
     """Configuration of an FPT / FPT+ model.
 
     Args:
-        backbone: timm VisionTransformer name of the frozen large pre-trained model.
-        backbone_kwargs: extra keyword arguments for timm.create_model (e.g. depth, reg_tokens).
+        backbone: the frozen large pre-trained model: a timm VisionTransformer or Eva name,
+            optionally with a pretrained tag ("vit_large_patch14_dinov2.lvd142m"), a Hugging Face
+            Hub name "hf-hub:org/name" or a local timm model folder "local-dir:/path" (config.json and
+            weights). See fpt_fast.model.backbones.
+        backbone_kwargs: extra keyword arguments for timm.create_model (e.g. depth, reg_tokens), JSON
+            values only: class-valued arguments by name (mlp_layer: "SwiGLUPacked", act_layer:
+            "silu", or "package.module.Name"), resolved when the model is built.
         num_classes: number of output classes.
         image_size: input size of the frozen branch, int or (height, width); divisible by the patch.
         side_input_size: input size of the side network, int or (height, width).
@@ -128,13 +78,18 @@ class FPTConfig:
         token_ratio: n = int(N * token_ratio) tokens kept per (image, head, layer).
         importance: "global" (mean attention over all queries) or "class_token".
         dropout: dropout probability on the fused prompts.
-        pretrained: load timm's pretrained weights for the backbone (needs the model hub).
-        checkpoint_path: load the backbone's weights from this local file instead.
+        pretrained: load the backbone's published weights: timm's for a registry name (from the
+            Hugging Face cache or hub), the repository's for "hf-hub:", the folder's for "local-dir:".
+        checkpoint_path: load the backbone's weights from this local file instead, in any layout
+            fpt_fast.model.backbone_weights reads (timm, RETFound-MAE, DINOv2 teacher, OpenCLIP,
+            safetensors); missing or unexpected weights are an error.
         pos_embed_resampling: how the backbone's position embeddings go from the grid its weights
             were stored at to the grid of image_size (once, when the backbone is built):
             "official" (the official FPT code's rule, docs/method.md section 3: bicubic,
             align_corners=False, no antialiasing, scale factor (g + 0.1) / g0 per axis; untouched
-            at the stored grid) or "timm" (timm's antialiased bicubic resize to the grid).
+            at the stored grid) or "timm" (timm's antialiased bicubic resize to the grid: the rule a
+            timm model applies itself). Rotary position embeddings (Eva models: DINOv3, EVA02) have
+            nothing stored to resample: they follow the grid by the model's own rule.
         frozen_layer_norm_eps: eps of every LayerNorm of the frozen backbone; None keeps the
             backbone's own (timm: 1e-6). The presets use 1e-12, the official frozen model's (a
             HuggingFace ViT).
@@ -185,8 +140,6 @@ class FPTConfig:
         return cls(**{**PRESETS[key], **overrides})
 
     def __post_init__(self):
-        if not isinstance(self.backbone, str):
-            raise ValueError(f"FPTConfig.backbone={self.backbone!r} is invalid: expected a timm model name")
         if not isinstance(self.backbone_kwargs, dict):
             raise ValueError(f"FPTConfig.backbone_kwargs={self.backbone_kwargs!r} is invalid: expected a dict")
         # Types first: "64" would otherwise become (6, 4), and 1.7 block 1.

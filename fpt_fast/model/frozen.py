@@ -1,20 +1,25 @@
 """The frozen branch: a timm ViT read at high resolution, stopped after the last extracted block,
 returning the selected keys and values of every extracted block (docs/method.md, section 2).
 
-The backbone is built at the grid its weights were stored at and fixed once to config.image_size:
-its position embeddings are resampled by config.pos_embed_resampling (docs/method.md, section 3).
+The backbone (fpt_fast.model.backbones: timm VisionTransformer and Eva models) is built at the grid
+its weights were stored at, cut after the last extracted block, given its weights
+(fpt_fast.model.backbone_weights) and fixed once to config.image_size: absolute position embeddings
+are resampled by config.pos_embed_resampling (docs/method.md, section 3); rotary embeddings follow
+the grid by the model's own rule.
 
 The blocks are timm's own modules. Non-extracted blocks run unchanged (timm's fused attention;
-its eager N x N attention with config.backend "reference"). Extracted blocks are run through the
-same submodules (norm1, attn.qkv, q_norm/k_norm, attn.proj, ls1, drop_path1, norm2, mlp, ls2,
-drop_path2), with the attention core replaced by fpt_fast.ops.attention_with_importance, so the
-block output is the block's own and the LSE of its attention is reused for the importance scores.
-Both ops of an extracted block run on config.backend, chosen by fpt_fast.ops' dispatcher.
+its eager N x N attention with config.backend "reference"), with the rotary embeddings the model
+passes them. Extracted blocks are run through the same submodules (norm1; the attention's
+projections, q/k norms and rotary embedding; its output norm, gate and proj; the layer scales
+ls1/ls2 or gamma_1/gamma_2; norm2, mlp, drop paths), with the attention core replaced by
+fpt_fast.ops.attention_with_importance: the selected keys are the keys the block attends with
+(after its q/k norm and rotary embedding), the block output is the block's own, and the LSE of its
+attention is reused for the importance scores. Both ops of an extracted block run on
+config.backend, chosen by fpt_fast.ops' dispatcher.
 """
 from __future__ import annotations
 
 import contextlib
-import math
 import warnings
 from typing import List, NamedTuple, Optional, Tuple, Union
 
@@ -23,11 +28,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
+from .backbone_weights import backbone_state, load_backbone_weights, published_weights, read_weights_file, stored_grid
+from .backbones import create_timm_model
 from .config import DTYPES, POS_EMBED_RESAMPLING, FPTConfig, num_selected_tokens
-
-BLOCK_PARTS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
-ATTENTION_PARTS = ("qkv", "num_heads", "head_dim", "q_norm", "k_norm", "proj", "proj_drop")
-
 
 class FrozenFeatures(NamedTuple):
     """Selected keys and values of the extracted layers, each (L, B, H, n, d)."""
@@ -59,23 +62,33 @@ class FeaturesWithScores(NamedTuple):
 
 
 def create_backbone(config: FPTConfig) -> nn.Module:
-    """The timm model named by config.backbone with its weights, built at the grid they were stored
-    at (so that neither timm's creation nor its checkpoint loading resamples the position
-    embeddings), then fixed to config.image_size by set_fixed_input_size with the rule
-    config.pos_embed_resampling; its LayerNorms get config.frozen_layer_norm_eps when set."""
-    import timm
-
-    kwargs = dict(config.backbone_kwargs, num_classes=0)
+    """The backbone the frozen branch runs, with its weights: the timm model of config.backbone,
+    built at the grid its weights were stored at (so that neither timm nor its checkpoint filter
+    resamples the position embeddings), cut after the last extracted block (no final norm, no
+    head), given its weights (config.checkpoint_path, else with config.pretrained the published
+    ones; a ValueError names missing or unexpected weights), then fixed to config.image_size by
+    set_fixed_input_size with the rule config.pos_embed_resampling; its LayerNorms get
+    config.frozen_layer_norm_eps when set."""
+    state, what = None, None
     if config.checkpoint_path is not None:
-        grid = stored_checkpoint_grid(config.checkpoint_path, config)
-        if grid is not None and "img_size" not in kwargs:
-            ph, pw = config.backbone_info.patch_size
+        what = f"FPTConfig.checkpoint_path {str(config.checkpoint_path)!r}"
+        state = backbone_state(read_weights_file(config.checkpoint_path, what), what)
+    elif config.pretrained:
+        state, what = published_weights(config.backbone)
+    kwargs = dict(num_classes=0)
+    if state is not None and "img_size" not in config.backbone_kwargs:
+        with torch.device("meta"):
+            probe = create_timm_model(config.backbone, config.backbone_kwargs, **kwargs)
+        ph, pw = config.backbone_info.patch_size
+        grid = stored_grid(state, probe, (config.image_size[0] // ph, config.image_size[1] // pw), what)
+        if grid is not None:
             kwargs["img_size"] = (grid[0] * ph, grid[1] * pw)
-        # timm's pretrained loader reads the local file and adapts its format to the model.
-        backbone = timm.create_model(config.backbone, pretrained=True,
-                                     pretrained_cfg_overlay=dict(file=str(config.checkpoint_path)), **kwargs)
-    else:
-        backbone = timm.create_model(config.backbone, pretrained=config.pretrained, **kwargs)
+    # Weights timm publishes only at a URL: timm downloads and loads them itself.
+    timm_loads = config.pretrained and config.checkpoint_path is None and state is None
+    backbone = create_timm_model(config.backbone, config.backbone_kwargs, pretrained=timm_loads, **kwargs)
+    backbone.prune_intermediate_layers(list(config.layers), prune_norm=True, prune_head=True)
+    if state is not None:
+        load_backbone_weights(backbone, state, what)
     set_fixed_input_size(backbone, config.image_size, config.pos_embed_resampling)
     if config.frozen_layer_norm_eps is not None:
         for module in backbone.modules():
@@ -119,9 +132,11 @@ def resample_position_embeddings(pos_embed: Tensor, stored_grid: Tuple[int, int]
 
 
 def set_fixed_input_size(backbone: nn.Module, image_size: Tuple[int, int], rule: str) -> None:
-    """Fixes a timm ViT built at its stored grid to inputs of image_size (h, w): the patch embedding
-    takes that size, and the position embeddings (if it has absolute ones) are resampled once by
-    resample_position_embeddings with rule. In place."""
+    """Fixes a timm ViT or Eva built at its stored grid to inputs of image_size (h, w): the patch
+    embedding takes that size, the absolute position embeddings (if it has them) are resampled once
+    by resample_position_embeddings with rule, and rotary embeddings computed for a fixed grid
+    (if it has them) are recomputed for the new grid by the model's own rule (models built for
+    any input size compute theirs from each input's grid). In place."""
     patch_embed = backbone.patch_embed
     ph, pw = patch_embed.patch_size
     stored_grid = tuple(patch_embed.grid_size)
@@ -135,66 +150,19 @@ def set_fixed_input_size(backbone: nn.Module, image_size: Tuple[int, int], rule:
         with torch.no_grad():
             resampled = resample_position_embeddings(pos_embed.data, stored_grid, grid, num_prefix, rule)
         backbone.pos_embed = nn.Parameter(resampled, requires_grad=pos_embed.requires_grad)
+    rope = getattr(backbone, "rope", None)
+    if rope is not None and hasattr(rope, "update_feat_shape"):
+        rope.update_feat_shape(list(grid))
 
 
-def stored_checkpoint_grid(path, config: FPTConfig) -> Optional[Tuple[int, int]]:
-    """The patch grid of the position embeddings in a timm-style checkpoint file (a key "pos_embed"
-    or ending in ".pos_embed"; .safetensors or torch.save): the first of the model's default grid,
-    the grid of config.image_size and a square grid whose size fits the stored token count. None
-    when the file holds no such key or no grid fits (timm's loader then adapts the file itself)."""
-    import timm
-
-    shape = _stored_pos_embed_shape(str(path))
-    if shape is None or len(shape) != 3:
-        return None
-    with torch.device("meta"):
-        probe = timm.create_model(config.backbone, pretrained=False, num_classes=0, **config.backbone_kwargs)
-    if getattr(probe, "pos_embed", None) is None:
-        return None
-    num_prefix = 0 if getattr(probe, "no_embed_class", False) else probe.num_prefix_tokens
-    patches = shape[1] - num_prefix
-    ph, pw = config.backbone_info.patch_size
-    side = math.isqrt(max(patches, 0))
-    candidates = (tuple(probe.patch_embed.grid_size), (config.image_size[0] // ph, config.image_size[1] // pw),
-                  (side, side))
-    return next((grid for grid in candidates if grid[0] * grid[1] == patches), None)
-
-
-def _stored_pos_embed_shape(path: str) -> Optional[Tuple[int, ...]]:
-    """Shape of the position embeddings stored in the file, read without loading the other tensors
-    where the format allows (safetensors header, memory-mapped torch zip files)."""
-    def pick(names):
-        return next((n for n in names if n == "pos_embed" or n.endswith(".pos_embed")), None)
-
-    if path.endswith(".safetensors"):
-        from safetensors import safe_open
-
-        with safe_open(path, framework="pt") as f:
-            name = pick(list(f.keys()))
-            return tuple(f.get_slice(name).get_shape()) if name else None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # not a zip file (legacy torch.save format): no memory map
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    name = pick(list(state)) if isinstance(state, dict) else None
-    return tuple(state[name].shape) if name else None
-
-
-def check_architecture(backbone: nn.Module, layers) -> None:
-    """Raises a ValueError naming what an extracted block lacks for FPT to read its keys."""
-    for i in layers:
-        block = backbone.blocks[i]
-        missing = [p for p in BLOCK_PARTS if not hasattr(block, p)]
-        attn = getattr(block, "attn", None)
-        if attn is not None:
-            missing += [f"attn.{p}" for p in ATTENTION_PARTS if not hasattr(attn, p)]
-        if missing:
-            raise ValueError(f"unsupported architecture: block {i} ({type(block).__name__}) of "
-                             f"{type(backbone).__name__} lacks {missing}; fpt_fast supports timm "
-                             f"VisionTransformer-style blocks with a fused qkv projection")
+def frozen_compute_dtype(frozen_dtype: Optional[str], device) -> torch.dtype:
+    """The dtype the frozen branch computes in on device: FPTConfig.frozen_dtype when set, else
+    bfloat16 on GPUs that support it and float32 elsewhere."""
+    if frozen_dtype is not None:
+        return DTYPES[frozen_dtype]
+    if torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
 
 
 class FrozenBranch(nn.Module):
@@ -207,10 +175,8 @@ class FrozenBranch(nn.Module):
         super().__init__()
         self.config = config
         self.layers: List[int] = list(config.layers)
-        backbone = create_backbone(config)
-        check_architecture(backbone, self.layers)
         # Early exit: blocks after the last extracted one, the final norm and the head are dropped.
-        backbone.prune_intermediate_layers(self.layers, prune_norm=True, prune_head=True)
+        backbone = create_backbone(config)
         backbone.requires_grad_(False)
         self.backbone = backbone.eval()
         # Non-extracted blocks run timm's own attention: fused SDPA, or eager N x N for "reference".
@@ -224,11 +190,7 @@ class FrozenBranch(nn.Module):
         return super().train(False)
 
     def compute_dtype(self, device: torch.device) -> torch.dtype:
-        if self.config.frozen_dtype is not None:
-            return DTYPES[self.config.frozen_dtype]
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
+        return frozen_compute_dtype(self.config.frozen_dtype, device)
 
     @torch.no_grad()
     def forward(self, images: Tensor, return_scores: bool = False) -> Union[FrozenFeatures, FeaturesWithScores]:
@@ -254,28 +216,26 @@ class FrozenBranch(nn.Module):
         bb = self.backbone
         extracted = []  # per extracted block: (k_sel, v_sel), with return_scores (k_sel, v_sel, scores, indices)
         with autocast:
-            x = bb.norm_pre(bb.patch_drop(bb._pos_embed(bb.patch_embed(images))))
+            x, rope = embed_tokens(bb, images)
             last = self.layers[-1]
             for i, block in enumerate(bb.blocks[:last + 1]):
+                # Eva models with per-block rotary embeddings (rope_mixed) hold one per block.
+                block_rope = rope[i] if rope is not None and getattr(bb, "rope_mixed", False) else rope
                 if i in self.layers:
-                    x, outputs = self._extracted_block(block, x, feature_dtype, return_scores)
+                    x, outputs = self._extracted_block(block, x, block_rope, feature_dtype, return_scores)
                     extracted.append(outputs)
                 else:
-                    x = block(x)
+                    x = block(x) if block_rope is None else block(x, rope=block_rope)
         stacked = (torch.stack(field) for field in zip(*extracted))
         return FeaturesWithScores(*stacked) if return_scores else FrozenFeatures(*stacked)
 
-    def _extracted_block(self, block: nn.Module, x: Tensor, feature_dtype: torch.dtype,
+    def _extracted_block(self, block: nn.Module, x: Tensor, rope: Optional[Tensor], feature_dtype: torch.dtype,
                          return_scores: bool) -> Tuple[Tensor, Tuple[Tensor, ...]]:
         """(block output, (k_sel, v_sel)) or with return_scores (block output, (k_sel, v_sel, scores, indices))."""
         attn = block.attn
         B, N, _ = x.shape
         h = block.norm1(x)
-        qkv = attn.qkv(h).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        q, k = attn.q_norm(q), attn.k_norm(k)
-        # Under autocast the q/k norms return float32 while v stays in the autocast dtype.
-        q, k = q.to(v.dtype), k.to(v.dtype)
+        q, k, v = attention_inputs(attn, h, rope)
         backend = self.config.backend
         out, scores = ops.attention_with_importance(q, k, v, self.config.importance, backend=backend)
         n = num_selected_tokens(N, self.config.token_ratio)
@@ -285,12 +245,58 @@ class FrozenBranch(nn.Module):
             outputs = (k_sel, v_sel, scores, indices)
         else:
             outputs = ops.select_tokens(scores, k, v, n, feature_dtype, backend=backend)
-        a = out.transpose(1, 2).reshape(B, N, -1)
-        if getattr(attn, "norm", None) is not None:
-            a = attn.norm(a)
+        a = attn.norm(out.transpose(1, 2).reshape(B, N, -1))
         if getattr(attn, "gate", None) is not None:
             a = a * attn.gate(h).sigmoid()
-        x = x + block.drop_path1(block.ls1(attn.proj_drop(attn.proj(a))))
-        x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+        x = x + block.drop_path1(_layer_scale(block, 1, attn.proj_drop(attn.proj(a))))
+        x = x + block.drop_path2(_layer_scale(block, 2, block.mlp(block.norm2(x))))
         return x, outputs
 
+
+def embed_tokens(backbone: nn.Module, images: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
+    """The tokens (B, N, D) the first block reads, and the rotary embeddings the model passes its
+    blocks (None without them), as timm's forward computes them: patch embedding, prefix tokens and
+    position embeddings, patch dropout, pre-norm."""
+    tokens = backbone._pos_embed(backbone.patch_embed(images))
+    if isinstance(tokens, tuple):  # Eva: (tokens, rotary embeddings), its patch dropout applied inside
+        x, rope = tokens
+    else:
+        x, rope = backbone.patch_drop(tokens), None
+    return backbone.norm_pre(x), rope
+
+
+def attention_inputs(attn: nn.Module, h: Tensor, rope: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    """q, k, v (B, H, N, d) of a timm attention module (Attention, AttentionRope, EvaAttention) on
+    its input h (B, N, C), exactly as its forward computes them before the attention core: the fused
+    or separate projections (Eva's q/v biases with its zero k bias), the q/k norms, then the rotary
+    embedding on the tokens after the prefix tokens. q and k come in v's dtype."""
+    B, N, _ = h.shape
+    if attn.qkv is None:
+        q, k, v = (proj(h).reshape(B, N, -1, attn.head_dim).transpose(1, 2)
+                   for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+    else:
+        if getattr(attn, "q_bias", None) is None:
+            qkv = attn.qkv(h)
+        else:
+            bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+            qkv = attn.qkv(h) + bias if attn.qkv_bias_separate else F.linear(h, attn.qkv.weight, bias)
+        q, k, v = qkv.reshape(B, N, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    if rope is not None:
+        from timm.layers import apply_rot_embed_cat
+
+        p, half = attn.num_prefix_tokens, getattr(attn, "rotate_half", False)
+        q = torch.cat([q[:, :, :p], apply_rot_embed_cat(q[:, :, p:], rope, half=half)], dim=2)
+        k = torch.cat([k[:, :, :p], apply_rot_embed_cat(k[:, :, p:], rope, half=half)], dim=2)
+    # Under autocast the q/k norms return float32 while v stays in the autocast dtype.
+    return q.to(v.dtype), k.to(v.dtype), v
+
+
+def _layer_scale(block: nn.Module, index: int, t: Tensor) -> Tensor:
+    """t scaled by the block's layer scale `index` (1: attention, 2: MLP): timm's LayerScale
+    modules ls1/ls2 (VisionTransformer) or the gamma_1/gamma_2 vectors (Eva; None without)."""
+    scale = getattr(block, f"ls{index}", None)
+    if scale is not None:
+        return scale(t)
+    gamma = getattr(block, f"gamma_{index}")
+    return t if gamma is None else gamma * t

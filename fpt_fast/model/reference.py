@@ -15,13 +15,15 @@ from .fpt import resize_images
 
 def extract_features(backbone, images: Tensor, layers: Sequence[int], n: int, importance: str = "global",
                      return_scores: bool = False) -> Tuple[Tensor, ...]:
-    """Selected keys and values of a frozen timm ViT, from timm's own eager forward.
+    """Selected keys and values of a frozen timm ViT or Eva, from timm's own eager forward.
 
-    Forward hooks on each extracted block's attention capture q and k (after q_norm / k_norm) and
-    v (from the qkv projection); the block itself runs unchanged with materialised attention.
-    images: (B, 3, h, w). Returns keys, values: (L, B, H, n, d), and with return_scores also the
-    importance scores (L, B, H, N) float32 and the kept token indices (L, B, H, n) int64, in
-    descending-score order (the order of the keys and values here).
+    A forward pre-hook on each extracted block's attention captures what the block feeds it (its
+    normalised tokens and the rotary embeddings the model passes); the blocks themselves run
+    unchanged with materialised attention. q, k, v are then computed from the captured input by
+    the block's math written out (attention_inputs). images: (B, 3, h, w). Returns keys, values:
+    (L, B, H, n, d), and with return_scores also the importance scores (L, B, H, N) float32 and the
+    kept token indices (L, B, H, n) int64, in descending-score order (the order of the keys and
+    values here).
     """
     captured = {}
     handles = []
@@ -31,14 +33,10 @@ def extract_features(backbone, images: Tensor, layers: Sequence[int], n: int, im
         fused.append(attn.fused_attn)
         attn.fused_attn = False
 
-        def save(name, i=i):
-            def hook(module, inputs, output):
-                captured[(i, name)] = output
-            return hook
+        def save(module, args, kwargs, i=i):
+            captured[i] = (args[0], kwargs.get("rope"))
 
-        handles += [attn.q_norm.register_forward_hook(save("q")),
-                    attn.k_norm.register_forward_hook(save("k")),
-                    attn.qkv.register_forward_hook(save("qkv"))]
+        handles.append(attn.register_forward_pre_hook(save, with_kwargs=True))
     try:
         with torch.no_grad():
             backbone.forward_intermediates(images, indices=list(layers), stop_early=True,
@@ -51,13 +49,54 @@ def extract_features(backbone, images: Tensor, layers: Sequence[int], n: int, im
 
     extracted = []
     for i in layers:
-        q, k = captured[(i, "q")], captured[(i, "k")]
-        B, H, N, d = k.shape
-        v = captured[(i, "qkv")].reshape(B, N, 3, H, d)[:, :, 2].transpose(1, 2)
+        q, k, v = attention_inputs(backbone.blocks[i].attn, *captured[i])
         scores = token_importance(q, k, importance)
         k_sel, v_sel, indices = select_tokens(scores, k, v, n, return_indices=True)
         extracted.append((k_sel, v_sel, scores, indices) if return_scores else (k_sel, v_sel))
     return tuple(torch.stack(field) for field in zip(*extracted))
+
+
+def attention_inputs(attn, h: Tensor, rope: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    """q, k, v (B, H, N, d) of a timm attention module (Attention, AttentionRope, EvaAttention) on
+    its input h (B, N, C), from its weights: the projections h W^T + b (fused qkv rows q; k; v, or
+    separate q/k/v projections; Eva's bias is [q_bias, 0, v_bias]), split into H heads of d, the
+    per-head q/k norms, then the rotary embedding (rotate) of the tokens after the prefix tokens."""
+    H, d = attn.num_heads, attn.head_dim
+    if attn.qkv is not None:
+        bias = attn.qkv.bias
+        if getattr(attn, "q_bias", None) is not None:
+            bias = torch.cat((attn.q_bias, torch.zeros_like(attn.q_bias), attn.v_bias))
+        qkv = h @ attn.qkv.weight.T + (0 if bias is None else bias)
+        q, k, v = qkv.split(H * d, dim=-1)
+    else:
+        q, k, v = (h @ proj.weight.T + (0 if proj.bias is None else proj.bias)
+                   for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+    q, k, v = (t.unflatten(-1, (H, d)).transpose(1, 2) for t in (q, k, v))
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    if rope is not None:
+        p, half = attn.num_prefix_tokens, getattr(attn, "rotate_half", False)
+        q = torch.cat([q[:, :, :p], rotate(q[:, :, p:], rope, half)], dim=2)
+        k = torch.cat([k[:, :, :p], rotate(k[:, :, p:], rope, half)], dim=2)
+    return q.to(v.dtype), k.to(v.dtype), v
+
+
+def rotate(x: Tensor, rope: Tensor, half: bool) -> Tensor:
+    """Rotary position embedding as a complex rotation (RoFormer): the channel pairs of x (..., N, d)
+    are complex numbers, each turned by its angle. rope (..., N, 2d) holds the angles' sines then
+    cosines, one per channel: pairs are (2i, 2i + 1) when half is False (timm's interleaved layout,
+    each angle repeated twice), (i, i + d/2) when half is True (the rotate-half layout, the angles
+    repeated as two halves). Computed in float32, returned in x's dtype."""
+    d = x.shape[-1]
+    sin, cos = rope.float().chunk(2, dim=-1)
+    if half:
+        pairs = torch.stack((x[..., :d // 2], x[..., d // 2:]), dim=-1)
+        angle = torch.complex(cos[..., :d // 2], sin[..., :d // 2])
+    else:
+        pairs = x.unflatten(-1, (d // 2, 2))
+        angle = torch.complex(cos[..., 0::2], sin[..., 0::2])
+    turned = torch.view_as_real(torch.view_as_complex(pairs.float().contiguous()) * angle)
+    out = torch.cat((turned[..., 0], turned[..., 1]), dim=-1) if half else turned.flatten(-2)
+    return out.to(x.dtype)
 
 
 # ------------------------------------------------------------------------- fusion and side

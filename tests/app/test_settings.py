@@ -6,8 +6,11 @@ import pytest
 import torch
 import yaml
 
+from fpt_fast import FrozenBranch
+from fpt_fast.model.backbones import create_timm_model
 from fpt_fast.model.config import PRESETS, FPTConfig
 from fpt_fast.app.settings import DATASETS, Settings, load_settings, model_schema, parse_override
+from helpers import dinov2_teacher_layout, retfound_mae_layout, timm_layout
 
 
 def write_yaml(tmp_path, tree, name="run.yaml"):
@@ -126,6 +129,11 @@ def test_the_backbone_file_is_checked_when_the_settings_load(tmp_path):
     torch.save({"cls_token": torch.zeros(1, 1, 768)}, tmp_path / "vit.pth")
     settings = load_settings(None, [f"model.checkpoint_path={tmp_path / 'vit.pth'}"])
     assert settings.model["checkpoint_path"] == str(tmp_path / "vit.pth")
+    # MAE checkpoints (RETFound-MAE) keep their training arguments as an argparse.Namespace.
+    import argparse
+    torch.save({"model": {"cls_token": torch.zeros(1, 1, 768)}, "args": argparse.Namespace(lr=1e-3)},
+               tmp_path / "mae.pth")
+    load_settings(None, [f"model.checkpoint_path={tmp_path / 'mae.pth'}"])
 
 
 def test_invalid_model_values_are_reported_when_the_settings_load():
@@ -175,6 +183,43 @@ def test_shipped_configs_load(path):
         assert settings.to_dict() == load_settings().to_dict()
         written = yaml.safe_load(path.read_text())
         assert {s: set(v) for s, v in written.items()} == {s: set(v) for s, v in settings.to_dict().items()}
+
+
+BACKBONE_TEMPLATES = sorted((Path(__file__).resolve().parents[2] / "configs" / "backbones").glob("*.yaml"))
+# Per template, from the model's card or paper: (width, heads, head size, depth, patch, prefix
+# tokens, MLP inner width), and the layout its weights are published in.
+TEMPLATE_FACTS = {
+    "retfound_mae": ((1024, 16, 64, 24, (16, 16), 1, 4096), retfound_mae_layout),
+    "dinov2_large": ((1024, 16, 64, 24, (14, 14), 1, 4096), dinov2_teacher_layout),
+    "uni": ((1024, 16, 64, 24, (16, 16), 1, 4096), timm_layout),
+    # SwiGLU packed: fc1 1280 -> 2 x 3416 (mlp_ratio 5.3375), 4 registers, head size 80.
+    "virchow2": ((1280, 16, 80, 32, (14, 14), 5, 6832), timm_layout),
+}
+
+
+@pytest.mark.parametrize("path", BACKBONE_TEMPLATES, ids=[p.stem for p in BACKBONE_TEMPLATES])
+def test_backbone_templates_resolve_and_read_their_published_layout(path, tmp_path):
+    """Each template's model section resolves on the meta device to the published architecture; a
+    depth-2 model of that architecture (same head size), with random weights in the layout its
+    authors publish, loads through the template with every weight and extracts at its input size."""
+    facts, layout = TEMPLATE_FACTS[path.stem]
+    settings = load_settings(path, ["model.checkpoint_path=null"])
+    info = settings.fpt_config(2).backbone_info
+    assert (info.embed_dim, info.num_heads, info.head_dim, info.depth, info.patch_size, info.num_prefix_tokens,
+            info.mlp_width) == facts
+    assert settings.model["frozen_layer_norm_eps"] is None and settings.model["preset"] == "fpt+"
+
+    kwargs = dict(settings.model["backbone_kwargs"], depth=2, num_heads=2, embed_dim=2 * info.head_dim)
+    torch.manual_seed(0)
+    source = create_timm_model(settings.model["backbone"], kwargs, num_classes=0)
+    weights = tmp_path / "weights.pth"
+    torch.save(layout(source), weights)
+    config = settings.replace("model", backbone_kwargs=kwargs, checkpoint_path=str(weights)).fpt_config(2)
+    frozen = FrozenBranch(config)
+    assert torch.equal(frozen.backbone.blocks[1].attn.qkv.weight, source.blocks[1].attn.qkv.weight)
+    features = frozen(torch.randn(1, 3, *config.image_size))
+    N = info.num_prefix_tokens + (config.image_size[0] // info.patch_size[0]) ** 2
+    assert features.keys.shape == (1, 1, 2, int(N * 0.2), info.head_dim)
 
 
 def test_saved_settings_of_the_former_backend_keys_are_upgraded():

@@ -217,3 +217,21 @@ def test_resuming_from_a_last_pt_with_optimizer_state_of_other_shapes_is_refused
     torch.save(checkpoint, last)
     with pytest.raises(ValueError, match="optimizer state for parameter 0 has shape"):
         train(settings, resume=True, **QUIET)
+
+
+def test_layer_names_in_yaml_go_through_the_store_and_checkpoints(tmp_path):
+    """backbone_kwargs naming classes (a Virchow2-style ViT: SwiGLU, SiLU, registers) stay names in
+    the store's manifest and the checkpoints: the store's fingerprint compares, the checkpoint reads
+    with weights_only, and evaluation rebuilds the same model from it."""
+    import json
+
+    kwargs = "{depth: 2, embed_dim: 64, num_heads: 2, reg_tokens: 4, mlp_layer: SwiGLUPacked, act_layer: silu, " \
+             "init_values: 0.1}"
+    settings = tiny_settings(tmp_path, "train.epochs=1", f"model.backbone_kwargs={kwargs}")
+    preload(settings, **QUIET)
+    manifest = json.loads((tmp_path / "store" / "manifest.json").read_text())
+    assert manifest["fingerprint"]["backbone_kwargs"]["mlp_layer"] == "SwiGLUPacked"
+    result = train(settings, **QUIET)  # checks the store's fingerprint against this run's
+    checkpoint = load_checkpoint(result.out_dir / "best.pt")  # weights_only
+    assert checkpoint["settings"]["model"]["backbone_kwargs"]["act_layer"] == "silu"
+    assert 0.0 <= evaluate(result.settings, result.out_dir / "best.pt", "test", **QUIET).metrics["acc"] <= 1.0

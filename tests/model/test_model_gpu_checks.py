@@ -34,12 +34,20 @@ REALISTIC = [("ViT-B/16@512", dict(backbone="vit_base_patch16_384", image_size=5
              ("ViT-L/16@512", dict(backbone="vit_large_patch16_384", image_size=512, batch=1))]
 CASES = [pytest.param(TINY_CASE, id="tiny")] + [pytest.param(c, id=label, marks=pytest.mark.cuda)
                                                  for label, c in REALISTIC]
+# Backbones beyond the plain ViT at their sizes (random weights): DINOv3 (Eva, rotary embeddings,
+# 4 registers) and a Virchow2-style ViT-H/14 (SwiGLU, 4 registers, head size 80).
+OTHER_BACKBONES = [
+    ("DINOv3-L/16@512", dict(backbone="vit_large_patch16_dinov3", image_size=512, batch=1)),
+    ("Virchow2-style-ViT-H/14@448", dict(backbone="vit_huge_patch14_224", image_size=448, side_input_size=112, batch=1,
+                                         backbone_kwargs=dict(mlp_layer="SwiGLUPacked", act_layer="silu", reg_tokens=4,
+                                                              mlp_ratio=5.3375, init_values=1e-5)))]
 # The frozen branch with every backend at the tiny size (triton there runs on the CPU too), and
 # with the one the GPU runs by default at the realistic sizes (the op-level checks cover the
 # others there).
 FROZEN_CASES = ([pytest.param(TINY_CASE, "triton", id="tiny-triton")]
                 + [pytest.param(TINY_CASE, b, id=f"tiny-{b}", marks=pytest.mark.cuda) for b in ("torch", "native")]
-                + [pytest.param(c, "triton", id=f"{label}-triton", marks=pytest.mark.cuda) for label, c in REALISTIC])
+                + [pytest.param(c, "triton", id=f"{label}-triton", marks=pytest.mark.cuda)
+                   for label, c in REALISTIC + OTHER_BACKBONES])
 
 
 def _config(case, preset="fpt", **overrides):
@@ -74,12 +82,12 @@ def unmatched_share(fast, ref, tolerance):
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("case, backend", FROZEN_CASES)
 def test_frozen_branch_selects_the_reference_tokens(case, backend, dtype, importance):
+    cfg = _config(case, importance=importance, frozen_dtype=dtype, backend=backend)
     for op in ("attention_with_importance", "select_tokens"):
-        reasons = ops.unsupported_reasons(backend, op, DEVICE, DTYPES[dtype], 64, importance
+        reasons = ops.unsupported_reasons(backend, op, DEVICE, DTYPES[dtype], cfg.backbone_info.head_dim, importance
                                           if op == "attention_with_importance" else None)
         if reasons:
             pytest.skip(f"{backend}: {'; '.join(reasons)}")
-    cfg = _config(case, importance=importance, frozen_dtype=dtype, backend=backend)
     torch.manual_seed(0)
     with torch.device(DEVICE):
         frozen = FrozenBranch(cfg)
