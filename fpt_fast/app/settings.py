@@ -25,7 +25,7 @@ from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Tuple
 import yaml
 
 from ..model.backbone_weights import read_weights_file
-from ..model.config import PRESETS, FPTConfig
+from ..model.config import OFFICIAL_BACKBONE, PRESETS, FPTConfig
 
 SECTIONS = ("model", "data", "preload", "train")
 
@@ -152,7 +152,7 @@ SECTION_CLASSES = {"data": DataSettings, "preload": PreloadSettings, "train": Tr
 # here: it is then the number of class folders of the train split).
 MODEL_EXTRA = {"preset": Literal["fpt", "fpt+"]}
 # The official LPM: google/vit-base-patch16-384 (ImageNet-21k, fine-tuned on ImageNet-1k at 384 px).
-MODEL_DEFAULTS = {"preset": "fpt+", "backbone": "vit_base_patch16_384.orig_in21k_ft_in1k", "pretrained": True,
+MODEL_DEFAULTS = {"preset": "fpt+", "backbone": OFFICIAL_BACKBONE, "pretrained": True,
                   "num_classes": None}
 
 

@@ -174,7 +174,7 @@ def fingerprint(model, transform_description: dict, stored_dtype: str, device: t
         "backbone_sha256": backbone_sha256 or weights_sha256(model.frozen.backbone),
         "image_size": list(config.image_size),
         "pos_embed_resampling": config.pos_embed_resampling,
-        "frozen_layer_norm_eps": config.frozen_layer_norm_eps,
+        "frozen_layer_norm_eps": config.layer_norm_eps,
         "extracted_layers": list(config.layers),
         "token_ratio": config.token_ratio,
         "num_selected": config.num_selected,

@@ -9,7 +9,7 @@ import dataclasses
 import numbers
 import os
 from dataclasses import dataclass, field
-from typing import Optional, Tuple, Union
+from typing import Literal, Optional, Tuple, Union
 
 import torch
 
@@ -23,6 +23,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 POS_EMBED_RESAMPLING = ("official", "timm")
 # LayerNorm eps of the official code's HuggingFace ViTs (google/vit-base-patch16-384's config); timm's is 1e-6.
 HF_LAYER_NORM_EPS = 1e-12
+# The official LPM: google/vit-base-patch16-384 (ImageNet-21k, fine-tuned on ImageNet-1k at 384 px),
+# a HuggingFace ViT whose LayerNorms use HF_LAYER_NORM_EPS; timm's name for the same weights.
+OFFICIAL_BACKBONE = "vit_base_patch16_384.orig_in21k_ft_in1k"
 
 
 def _pair(size: Size) -> Tuple[int, int]:
@@ -45,11 +48,11 @@ PRESETS = {
     "fpt": dict(num_prompts=16, side_reduction_ratio=8, prompt_reduction_ratio=8, prompt_norm=False,
                 prompt_proj=True, token_ratio=0.2, importance="global", side_input_size=224,
                 image_size=512, layer_selection="all", pos_embed_resampling="official",
-                frozen_layer_norm_eps=HF_LAYER_NORM_EPS),
+                frozen_layer_norm_eps="official"),
     "fpt+": dict(num_prompts=16, side_reduction_ratio=8, prompt_reduction_ratio=1, prompt_norm=True,
                  prompt_proj=False, token_ratio=0.2, importance="global", side_input_size=128,
                  image_size=512, layer_selection="second_half", pos_embed_resampling="official",
-                 frozen_layer_norm_eps=HF_LAYER_NORM_EPS),
+                 frozen_layer_norm_eps="official"),
 }
 
 
@@ -90,9 +93,11 @@ class FPTConfig:
             at the stored grid) or "timm" (timm's antialiased bicubic resize to the grid: the rule a
             timm model applies itself). Rotary position embeddings (Eva models: DINOv3, EVA02) have
             nothing stored to resample: they follow the grid by the model's own rule.
-        frozen_layer_norm_eps: eps of every LayerNorm of the frozen backbone; None keeps the
-            backbone's own (timm: 1e-6). The presets use 1e-12, the official frozen model's (a
-            HuggingFace ViT).
+        frozen_layer_norm_eps: eps of every LayerNorm of the frozen backbone: None keeps the
+            backbone's own (timm ViTs: 1e-6); a number sets it; "official" (the presets) gives the
+            official LPM (OFFICIAL_BACKBONE, a HuggingFace ViT) its HuggingFace eps 1e-12, as the
+            official code runs it, and leaves every other backbone its own. layer_norm_eps is
+            the eps that results.
         frozen_dtype: dtype the frozen branch computes in: None = bfloat16 on GPUs that support it,
             float32 otherwise.
         feature_dtype: dtype of the selected keys/values: None = the fusion's compute dtype.
@@ -106,7 +111,7 @@ class FPTConfig:
     """
 
     # The official LPM: google/vit-base-patch16-384 (ImageNet-21k, fine-tuned on ImageNet-1k at 384 px).
-    backbone: str = "vit_base_patch16_384.orig_in21k_ft_in1k"
+    backbone: str = OFFICIAL_BACKBONE
     backbone_kwargs: dict = field(default_factory=dict)
     num_classes: int = 2
     image_size: Size = 512
@@ -124,7 +129,7 @@ class FPTConfig:
     pretrained: bool = False
     checkpoint_path: Optional[str] = None
     pos_embed_resampling: str = "official"
-    frozen_layer_norm_eps: Optional[float] = None
+    frozen_layer_norm_eps: Union[None, float, Literal["official"]] = None
     frozen_dtype: Optional[str] = None
     feature_dtype: Optional[str] = None
     frozen_chunk_size: Optional[int] = None
@@ -195,6 +200,14 @@ class FPTConfig:
         return num_selected_tokens(self.num_tokens, self.token_ratio)
 
     @property
+    def layer_norm_eps(self) -> Optional[float]:
+        """The eps the frozen backbone's LayerNorms get (None: the backbone's own), from
+        frozen_layer_norm_eps."""
+        if self.frozen_layer_norm_eps == "official":
+            return HF_LAYER_NORM_EPS if self.backbone == OFFICIAL_BACKBONE else None
+        return self.frozen_layer_norm_eps
+
+    @property
     def side_dim(self) -> int:
         return self._backbone_info.embed_dim // self.side_reduction_ratio
 
@@ -255,8 +268,8 @@ class FPTConfig:
         if self.pos_embed_resampling not in POS_EMBED_RESAMPLING:
             bad("pos_embed_resampling", self.pos_embed_resampling, f"one of {POS_EMBED_RESAMPLING}")
         eps = self.frozen_layer_norm_eps
-        if eps is not None and (isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1):
-            bad("frozen_layer_norm_eps", eps, "None or a number in (0, 1)")
+        if eps is not None and eps != "official" and (not _is_number(eps) or not 0 < eps < 1):
+            bad("frozen_layer_norm_eps", eps, "None, 'official' or a number in (0, 1)")
         if self.importance not in IMPORTANCE_MODES:
             bad("importance", self.importance, f"one of {IMPORTANCE_MODES}")
         if self.importance == "class_token" and not info.has_class_token:

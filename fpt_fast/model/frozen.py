@@ -68,7 +68,7 @@ def create_backbone(config: FPTConfig) -> nn.Module:
     head), given its weights (config.checkpoint_path, else with config.pretrained the published
     ones; a ValueError names missing or unexpected weights), then fixed to config.image_size by
     set_fixed_input_size with the rule config.pos_embed_resampling; its LayerNorms get
-    config.frozen_layer_norm_eps when set."""
+    config.layer_norm_eps when set."""
     state, what = None, None
     if config.checkpoint_path is not None:
         what = f"FPTConfig.checkpoint_path {str(config.checkpoint_path)!r}"
@@ -90,10 +90,10 @@ def create_backbone(config: FPTConfig) -> nn.Module:
     if state is not None:
         load_backbone_weights(backbone, state, what)
     set_fixed_input_size(backbone, config.image_size, config.pos_embed_resampling)
-    if config.frozen_layer_norm_eps is not None:
+    if config.layer_norm_eps is not None:
         for module in backbone.modules():
             if isinstance(module, nn.LayerNorm):
-                module.eps = float(config.frozen_layer_norm_eps)
+                module.eps = float(config.layer_norm_eps)
     return backbone
 
 

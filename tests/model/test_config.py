@@ -18,7 +18,10 @@ def test_presets_follow_the_spec():
     # ViT-B/16 at 512: N = 1 + 32 * 32 = 1025, n = int(1025 * 0.2) = 205
     assert fpt.num_tokens == 1025 and fpt.num_selected == 205
     assert fpt.pos_embed_resampling == plus.pos_embed_resampling == "official"
-    assert fpt.frozen_layer_norm_eps == plus.frozen_layer_norm_eps == 1e-12  # the official HuggingFace ViT's
+    # The official LPM gets the official (HuggingFace) eps; any other backbone keeps its own.
+    assert fpt.frozen_layer_norm_eps == plus.frozen_layer_norm_eps == "official"
+    assert fpt.layer_norm_eps == plus.layer_norm_eps == 1e-12
+    assert FPTConfig.preset("fpt+", backbone="vit_base_patch16_384.augreg_in21k_ft_in1k").layer_norm_eps is None
     # The official LPM, google/vit-base-patch16-384, is the default backbone.
     assert FPTConfig().backbone == "vit_base_patch16_384.orig_in21k_ft_in1k"
 

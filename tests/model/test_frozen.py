@@ -92,13 +92,17 @@ def test_bad_images():
 
 
 def test_layer_norm_eps_of_the_official_frozen_model():
-    """The presets normalise as the official (HuggingFace) ViT, eps 1e-12; None keeps timm's 1e-6."""
+    """The presets normalise the official LPM as the official (HuggingFace) ViT does, eps 1e-12, and
+    leave other backbones their own (timm: 1e-6); None keeps the own, a number sets it."""
     def eps_values(**overrides):
         backbone = FrozenBranch(tiny_config("fpt", **overrides)).backbone
         return {m.eps for m in backbone.modules() if isinstance(m, torch.nn.LayerNorm)}
 
-    assert eps_values() == {1e-12}
-    assert eps_values(frozen_layer_norm_eps=None) == {1e-6}
+    official = dict(backbone="vit_base_patch16_384.orig_in21k_ft_in1k", image_size=(64, 48))
+    assert eps_values(**official) == {1e-12}
+    assert eps_values(**official, frozen_layer_norm_eps=None) == {1e-6}
+    assert eps_values() == {1e-6}  # the tiny test backbone is not the official LPM
+    assert eps_values(frozen_layer_norm_eps=1e-5) == {1e-5}
 
 
 def test_local_checkpoint_is_loaded(tmp_path):
