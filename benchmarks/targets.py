@@ -223,9 +223,12 @@ def choices(rows: List[dict]) -> List[str]:
         if text:
             lines.append(f"{op} {mode} {name} @ {shape} {dtype}: {text}")
     for r in rows:
+        if r["op"] == "preload" and r["provider"] == "gpu_decode" and r.get("levels_vs_pil_max") is not None:
+            lines.append(f"preload.decode gpu @ {r['shape']}: frozen inputs up to {r['levels_vs_pil_max']:.1f} "
+                         f"levels of 255 from PIL's, {r['share_off_vs_pil']:.1%} of the values off")
         if r["op"] == "preload" and r["provider"] == "pil_loader+frozen" and r["status"] == "ok":
-            gpu_decode = (f"; GPU decode (nvjpeg) {r['nvjpeg_vs_loader']:.2f}x the PIL loader"
-                          if r.get("nvjpeg_vs_loader") else "")
+            gpu_decode = (f"; with preload.decode gpu {r['gpu_decode_vs_pil']:.2f}x this pipeline"
+                          if r.get("gpu_decode_vs_pil") else "")
             lines.append(f"preload @ {r['shape']}: {r['images_per_s']:.0f} img/s, bound by "
                          f"{r.get('bound', 'unknown')}{gpu_decode}")
     return lines

@@ -180,7 +180,9 @@ def test_preload_smoke(out):
     for provider in ("pil_loader", "frozen_forward", "pil_loader+frozen"):
         assert by[provider]["status"] == "ok" and by[provider]["images_per_s"] > 0, provider
     assert by["pil_loader+frozen"]["bound"].startswith(("decoding", "the frozen forward"))
-    assert by["nvjpeg"]["status"] == "skipped" and "CUDA" in by["nvjpeg"]["reason"]
+    for provider in ("gpu_decode", "gpu_decode+frozen"):  # the option's code path, on the CPU in --smoke
+        assert by[provider]["status"] == "ok" and by[provider]["images_per_s"] > 0, provider
+    assert by["pil_loader+frozen"]["gpu_decode_vs_pil"] > 0
 
 
 def test_synthetic_jpegs_decode_to_their_size(tmp_path):

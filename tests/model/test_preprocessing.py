@@ -116,3 +116,64 @@ def test_the_pair_of_inputs_for_a_model():
         FPTTransforms(config, MEAN, [0.2, 0.0, 0.3])
     with pytest.raises(ValueError, match="3 \\(RGB\\) values"):
         FPTTransforms(config, [0.5] * 2, STD)
+
+
+# ------------------------------------------------------------------ the GPU decode option (CPU stand-in)
+def _jpeg_bytes(image, **save):
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=95, **save)
+    return buffer.getvalue()
+
+
+def _encoded(data: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
+def test_device_decodable_jpegs_are_8_bit_huffman_gray_or_ycbcr_and_whole():
+    import io
+
+    from fpt_fast.model.preprocessing import device_decodable_jpeg
+
+    rgb = photo()
+    assert device_decodable_jpeg(_jpeg_bytes(rgb))
+    assert device_decodable_jpeg(_jpeg_bytes(rgb, progressive=True))
+    assert device_decodable_jpeg(_jpeg_bytes(rgb.convert("L")))
+    assert not device_decodable_jpeg(_jpeg_bytes(rgb.convert("CMYK")))    # PIL's colour conversion instead
+    assert not device_decodable_jpeg(_jpeg_bytes(rgb)[:-200])              # cut short: PIL names the error
+    png = io.BytesIO()
+    rgb.save(png, format="PNG")
+    assert not device_decodable_jpeg(png.getvalue()) and not device_decodable_jpeg(b"")
+
+
+@pytest.mark.parametrize("kind", ["jpeg", "jpeg-gray", "jpeg-progressive", "png-rgba", "png-16bit"])
+def test_device_transform_on_the_cpu_is_within_one_level_of_the_official(kind):
+    """DeviceFrozenTransform on the CPU (torchvision's decoder and uint8 resize: the GPU path's code)
+    against FrozenTransform (PIL): within one level of 255 per pixel, mostly equal; images of two
+    sizes in one call; the description names the decoder, so store fingerprints differ."""
+    import io
+
+    from fpt_fast.model.preprocessing import DeviceFrozenTransform, image_pixels
+
+    images, inputs = [], []
+    for seed, (height, width) in enumerate([(75, 61), (75, 61), (90, 52)]):
+        image = photo(height, width, seed)
+        if kind.startswith("jpeg"):
+            data = _jpeg_bytes(image.convert("L") if kind == "jpeg-gray" else image,
+                               progressive=kind == "jpeg-progressive")
+            images.append(Image.open(io.BytesIO(data)))
+            inputs.append(_encoded(data))
+        else:
+            image = image.convert("RGBA") if kind == "png-rgba" else \
+                Image.fromarray((np.asarray(image.convert("L"), dtype=np.uint16) * 257).astype(np.uint16))
+            images.append(image)
+            inputs.append(image_pixels(image))
+    official = FrozenTransform((48, 40), MEAN, STD)
+    device = DeviceFrozenTransform((48, 40), MEAN, STD)
+    got = device(inputs, "cpu")
+    want = torch.stack([official(image) for image in images])
+    assert got.shape == want.shape and got.dtype == torch.float32
+    levels = ((got - want) * torch.tensor(STD)[:, None, None] * 255).abs()
+    assert levels.max() <= 1 + 1e-3 and (levels < 1e-3).float().mean() > 0.9
+    assert device.description() != official.description() and "decode" in device.description()
