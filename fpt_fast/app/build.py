@@ -72,11 +72,16 @@ def preload_transform(settings: Settings, model: FPT) -> Union[FrozenTransform, 
 
 
 def gpu_decode_device_problem(settings: Settings, device: torch.device) -> Optional[str]:
-    """Why preload.decode "gpu" cannot run on device (None when it can, or when decode is "pil")."""
-    if settings.preload.decode != "gpu" or device.type == "cuda":
+    """Why preload.decode "gpu" cannot run on device (None when it can, or when decode is "pil"):
+    not a CUDA device, or torchvision cannot decode a JPEG there (built without nvJPEG)."""
+    if settings.preload.decode != "gpu":
         return None
-    return (f"setting preload.decode='gpu' decodes images on a CUDA GPU, but the preload device is {device} "
-            f"(preload.device={settings.preload.device!r}{'' if torch.cuda.is_available() else '; no CUDA GPU here'})")
+    if device.type != "cuda":
+        return (f"setting preload.decode='gpu' decodes images on a CUDA GPU, but the preload device is {device} "
+                f"(preload.device={settings.preload.device!r}"
+                f"{'' if torch.cuda.is_available() else '; no CUDA GPU here'})")
+    problem = DeviceFrozenTransform.decoding_problem(device)
+    return None if problem is None else f"setting preload.decode='gpu': {problem}"
 
 
 def check_store(store: FeatureStore, settings: Settings, model: FPT) -> FeatureStore:

@@ -21,7 +21,7 @@ output but not bit-identical (its docstring says how close).
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -220,6 +220,21 @@ class DeviceFrozenTransform:
         mean = torch.tensor(self.mean, device=device).view(3, 1, 1)
         std = torch.tensor(self.std, device=device).view(3, 1, 1)
         return out.div_(255).sub_(mean).div_(std)
+
+    @staticmethod
+    def decoding_problem(device) -> Optional[str]:
+        """Why torchvision cannot decode JPEG files on device (None when a small one decodes there)."""
+        import io
+
+        from torchvision import io as tv_io
+
+        buffer = io.BytesIO()
+        Image.new("RGB", (16, 16), (200, 100, 50)).save(buffer, format="JPEG")
+        try:
+            tv_io.decode_jpeg(torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8), device=device)
+        except RuntimeError as e:
+            return f"torchvision cannot decode JPEG files on {device} ({e})"
+        return None
 
     def description(self) -> dict:
         """What determines this transform's output (part of the feature-store fingerprint)."""

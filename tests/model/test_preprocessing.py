@@ -177,3 +177,35 @@ def test_device_transform_on_the_cpu_is_within_one_level_of_the_official(kind):
     levels = ((got - want) * torch.tensor(STD)[:, None, None] * 255).abs()
     assert levels.max() <= 1 + 1e-3 and (levels < 1e-3).float().mean() > 0.9
     assert device.description() != official.description() and "decode" in device.description()
+
+
+def test_a_device_that_cannot_decode_jpeg_is_named(monkeypatch):
+    import torchvision.io as tv_io
+
+    from fpt_fast.model.preprocessing import DeviceFrozenTransform
+
+    assert DeviceFrozenTransform.decoding_problem("cpu") is None
+
+    def unavailable(*args, **kwargs):
+        raise RuntimeError("not compiled with nvJPEG support")
+    monkeypatch.setattr(tv_io, "decode_jpeg", unavailable)
+    assert DeviceFrozenTransform.decoding_problem("cpu") == \
+        "torchvision cannot decode JPEG files on cpu (not compiled with nvJPEG support)"
+
+
+@pytest.mark.cuda
+def test_device_transform_on_a_gpu_is_close_to_the_official():
+    """nvJPEG and the CUDA resize against PIL (unmeasured before the first GPU run): a few levels of
+    255 at most, under one on average; a swapped channel, a missing normalisation or a colour-space
+    slip would be tens of levels off."""
+    import io
+
+    from fpt_fast.model.preprocessing import DeviceFrozenTransform
+
+    assert DeviceFrozenTransform.decoding_problem("cuda") is None
+    data = [_jpeg_bytes(photo(300, 400, seed)) for seed in range(3)] + [_jpeg_bytes(photo(300, 400, 9).convert("L"))]
+    got = DeviceFrozenTransform((128, 96), MEAN, STD)([_encoded(d) for d in data], "cuda")
+    assert got.device.type == "cuda"
+    want = torch.stack([FrozenTransform((128, 96), MEAN, STD)(Image.open(io.BytesIO(d))) for d in data])
+    levels = ((got.cpu() - want) * torch.tensor(STD)[:, None, None] * 255).abs()
+    assert levels.max() <= 8 and levels.mean() < 1, (levels.max().item(), levels.mean().item())
