@@ -8,7 +8,10 @@ Ops and providers (fpt_fast backends run through fpt_fast.ops with backend=...):
                                 triton:kernels (the own forward + importance kernel, no custom op) and
                                 triton:lse=<flash|efficient|cudnn> (the row LSE from one of PyTorch's
                                 fused forwards, then the same importance kernel): the LSE-source choice
-    select_tokens               triton, native, torch | reference (stable sort), topk_gather
+    select_tokens               triton, native, torch | reference (stable sort), topk_gather;
+                                triton:<variant> for every kernels/select_tokens.VARIANTS entry (its
+                                launcher called directly: "triton:split" and "triton:rowwise" are the
+                                two paths forced, whichever the default picks for the size)
     prompt_attention fwd, fwd+bwd (grad into the prompts only: K_sel / V_sel are constants in FPT)
                                 triton, native, torch | reference, eager; at the first size of each
                                 dtype also triton:<variant> for every launch variant of
@@ -35,6 +38,7 @@ from torch import Tensor
 
 from fpt_fast import ops, reference
 from fpt_fast.kernels import prompt_attention as prompt_kernel
+from fpt_fast.kernels import select_tokens as select_kernel
 from fpt_fast.kernels import token_importance as importance_kernel
 
 from . import common
@@ -195,11 +199,15 @@ def select_case(label, res, B, H, N, d, dtype, device, gen) -> Case:
     sel = {b: (lambda b=b: ops.select_tokens(scores, k, v, n, backend=b)) for b in FPT_BACKENDS}
     sel["reference"] = lambda: reference.select_tokens(scores, k, v, n)
     sel["topk_gather"] = lambda: topk_gather(scores, k, v, n)
+    for name, launch in select_kernel.VARIANTS.items():
+        sel[f"triton:{name}"] = lambda launch=launch: select_kernel.select_tokens_forward(scores, k, v, n, k.dtype,
+                                                                                          **launch)
     # The least any method moves: the scores once, the n kept rows of k and v read and written.
     nbytes = B * H * N * 4 + 4 * B * H * n * d * es
     return Case("select_tokens", "fwd", shape_label(label, B=B, H=H, N=N, d=d, n=n), dtype,
                 dict(model=label, resolution=res, B=B, H=H, N=N, d=d, n=n), sel,
-                flops={}, nbytes={p: nbytes for p in sel}, estimate={}, baselines=("reference", "topk_gather"))
+                flops={}, nbytes={p: nbytes for p in sel}, estimate={},
+                baselines=("reference", "topk_gather", "triton"))
 
 
 def _variant_fns(q, k, v, grad, mode: str) -> Dict[str, Callable]:

@@ -10,11 +10,17 @@ little noise, quality 95, in parallel) into an ImageFolder layout under a tempor
     forward   frozen_forward    the frozen branch alone on batches already on the device
     pipeline  pil_loader+frozen the loader feeding the frozen branch: what preloading runs (without
                                 writing the store); its row says what bounds it
-    decode    nvjpeg            torchvision.io.decode_jpeg on the GPU, then the same resize and
-                                normalisation there: a data point for a GPU decode option (not
-                                bit-identical to the PIL pipeline; not what fpt_fast runs)
-Loader figures are steady state: timed from the first batch delivered (worker start-up excluded,
-and reported apart as startup_s).
+    decode    gpu_decode        the option preload.decode: gpu as fpt_fast runs it: the workers read the
+                                files (fpt_fast.app.data.read_encoded_image), the device decodes the
+                                JPEG files (torchvision.io.decode_jpeg, nvJPEG), resizes and normalises
+                                (decode_on_device, DeviceFrozenTransform; not bit-identical to PIL:
+                                levels_vs_pil_max and share_off_vs_pil compare its frozen inputs of
+                                the first 8 files with the official ones, in levels of 255)
+    pipeline  gpu_decode+frozen the option feeding the frozen branch: preloading with decode gpu; its row
+                                gives its speed against pil_loader+frozen
+Without CUDA the gpu_decode rows run only with --smoke, on the CPU (torchvision's CPU decoder: a
+stand-in for the code path, labelled cpu like every smoke row). Loader figures are steady state:
+timed from the first batch delivered (worker start-up excluded, and reported apart as startup_s).
 """
 from __future__ import annotations
 
@@ -110,7 +116,8 @@ def steady_rate(batches: Iterable, consume: Callable[[dict], int], device) -> di
 # --------------------------------------------------------------------------------- rows
 def bench_resolution(args, res: int, root: Path, device, budget, gen, label: str) -> List[dict]:
     from fpt_fast import FPTConfig, FrozenBranch
-    from fpt_fast.app.data import FPTDataset, FrozenTransform, ImageFolderSplit, make_loader
+    from fpt_fast.app.data import (DeviceFrozenTransform, FPTDataset, FrozenTransform, ImageFolderSplit,
+                                   decode_on_device, make_loader)
 
     spec = BACKBONES[args.backbone]
     shape = f"{spec[1]}@{res} B={args.batch} from {args.source_size[0]}x{args.source_size[1]} JPEG"
@@ -155,27 +162,39 @@ def bench_resolution(args, res: int, root: Path, device, budget, gen, label: str
             r.update(common.failure_fields(exc))
     del x
 
+    def extract(batch):
+        frozen(batch["frozen"].to(device, non_blocking=True))
+        return len(batch["label"])
+
     r = row("pipeline", "pil_loader+frozen", dtype_text)
     if budget.expired():
         r.update(status="skipped", reason=budget.reason)
     else:
-        def extract(batch):
-            frozen(batch["frozen"].to(device, non_blocking=True))
-            return len(batch["label"])
         try:
             r.update(steady_rate(loader(), extract, device))
         except Exception as exc:
             r.update(common.failure_fields(exc))
 
-    r = row("decode", "nvjpeg", "float32")
-    reason = nvjpeg_reason(device)
-    if reason is None and budget.expired():
-        reason = budget.reason
-    if reason is not None:
-        r.update(status="skipped", reason=reason)
-    else:
+    gpu_transform = DeviceFrozenTransform((res, res), IMAGENET_MEAN, IMAGENET_STD)
+    gpu_dataset = FPTDataset(split, side=None, frozen=gpu_transform)
+
+    def gpu_batches():
+        for batch in make_loader(gpu_dataset, args.batch, args.workers, torch.device(device)):
+            yield decode_on_device(batch, gpu_transform, split, torch.device(device))
+
+    for mode, provider, consume, dtype in (("decode", "gpu_decode", lambda b: len(b["label"]), "float32"),
+                                           ("pipeline", "gpu_decode+frozen", extract, dtype_text)):
+        r = row(mode, provider, dtype)
+        reason = gpu_decode_reason(device, args.smoke)
+        if reason is None and budget.expired():
+            reason = budget.reason
+        if reason is not None:
+            r.update(status="skipped", reason=reason)
+            continue
         try:
-            r.update(nvjpeg_rate(split, res, args.batch, device))
+            r.update(steady_rate(gpu_batches(), consume, device))
+            if provider == "gpu_decode":
+                r.update(pixels_against_pil(split, transform, gpu_transform, device))
         except Exception as exc:
             r.update(common.failure_fields(exc))
 
@@ -185,43 +204,29 @@ def bench_resolution(args, res: int, root: Path, device, budget, gen, label: str
     return rows
 
 
-def nvjpeg_reason(device) -> Optional[str]:
-    if torch.device(device).type != "cuda":
-        return "GPU JPEG decoding needs a CUDA device"
-    try:
-        import torchvision.io  # noqa: F401
-    except ImportError as exc:
-        return f"torchvision is not importable: {exc}"
+def pixels_against_pil(split, official, gpu_transform, device, images: int = 8) -> dict:
+    """How far the option's frozen inputs are from the official ones on the first images, in levels
+    of 255: the largest difference and the share of pixel values off by half a level or more."""
+    from fpt_fast.app.data import frozen_inputs
+
+    paths = [split.path(p) for p in range(min(images, len(split)))]
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    got = frozen_inputs(gpu_transform, paths, torch.device(device)).cpu()
+    want = frozen_inputs(official, paths, torch.device("cpu"))
+    levels = ((got - want) * std * 255).abs()
+    return {"levels_vs_pil_max": levels.max().item(), "share_off_vs_pil": (levels >= 0.5).float().mean().item()}
+
+
+def gpu_decode_reason(device, smoke: bool) -> Optional[str]:
+    """Why the gpu_decode rows do not run here (None when they do)."""
+    if torch.device(device).type != "cuda" and not smoke:
+        return "preload.decode gpu needs a CUDA device (--smoke runs its code path on the CPU)"
     return None
-
-
-def nvjpeg_rate(split, res: int, batch: int, device) -> dict:
-    """Files read into memory first (the page cache holds them anyway), then batches decoded on
-    the GPU, resized and normalised there."""
-    import torchvision.io as io
-
-    from fpt_fast.model import resize_images
-
-    data = [io.read_file(str(split.path(i))) for i in range(len(split))]
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=device).view(3, 1, 1)
-
-    def batches():
-        for start in range(0, len(data), batch):
-            yield data[start:start + batch]
-
-    def decode(chunk):
-        images = io.decode_jpeg(chunk, mode=io.ImageReadMode.RGB, device=device)
-        out = torch.stack([(resize_images(im.float().div_(255), (res, res)) - mean) / std for im in images])
-        return out.shape[0]
-
-    decode(data[:batch])  # warm-up: the decoder's handles and kernels
-    return steady_rate(batches(), decode, device)
 
 
 def add_bound(rows: List[dict]) -> None:
     """On the pipeline row: what bounds preloading (the slower of the loader alone and the frozen
-    forward alone), and the pipeline's share of each."""
+    forward alone), the pipeline's share of each, and the GPU decode option's pipeline against it."""
     by = {r["provider"]: r for r in rows if r["status"] == "ok"}
     loader, forward, pipe = by.get("pil_loader"), by.get("frozen_forward"), by.get("pil_loader+frozen")
     if not (loader and forward and pipe):
@@ -234,9 +239,9 @@ def add_bound(rows: List[dict]) -> None:
     else:
         pipe["bound"] = (f"the frozen forward: {forward['images_per_s']:.0f} img/s alone, the loader "
                          f"{loader['images_per_s']:.0f} img/s")
-    nvjpeg = by.get("nvjpeg")
-    if nvjpeg is not None:
-        pipe["nvjpeg_vs_loader"] = nvjpeg["images_per_s"] / loader["images_per_s"]
+    gpu_pipe = by.get("gpu_decode+frozen")
+    if gpu_pipe is not None:
+        pipe["gpu_decode_vs_pil"] = gpu_pipe["images_per_s"] / pipe["images_per_s"]
 
 
 # --------------------------------------------------------------------------------- main

@@ -186,7 +186,8 @@ def preload_section(rows: List[dict]) -> str:
              status_text(r)] for r in pre]
     return "\n".join(["## Preloading: input pipeline against the frozen forward", "",
                       "JPEG files generated in the run; loader figures are steady state (from the first batch "
-                      "delivered); nvjpeg = torchvision's GPU decoder with the same resize, a data point only.", "",
+                      "delivered); gpu_decode = the option preload.decode: gpu (the GPU decodes and resizes the JPEG "
+                      "files; not bit-identical to the PIL pipeline).", "",
                       table(["mode", "provider", "shape", "dtype", "device", "workers", "img/s", "start-up s",
                              "bound", "status"], body)])
 

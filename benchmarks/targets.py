@@ -114,24 +114,9 @@ def kernel_lines(rows: List[dict], s: Scale, providers) -> List[Line]:
                                  _select(rows, op="token_importance", dtype=s.kernel_dtype, resolution=res),
                                  "speedup_vs_reference", providers))
     select = _select(rows, op="select_tokens", dtype=s.kernel_dtype)
-    shapes = sorted({r["shape"] for r in select})
-    measured = []
-    for shape in shapes:
-        r, _ = _fpt_row([x for x in select if x["shape"] == shape], providers)
-        if r is not None and r.get("speedup_vs_topk_gather") is not None:
-            measured.append(r)
-    target = "select_tokens vs topk + 2 gathers, every size"
-    if not measured:
-        lines.append(Line(target, None, 2, True, "x", "no size measured"))
-    else:
-        worst = min(measured, key=lambda r: r["speedup_vs_topk_gather"])
-        missing = len(shapes) - len(measured)
-        line = Line(target, worst["speedup_vs_topk_gather"], 2, True, "x",
-                    f"worst of {len(measured)}: {worst['provider']}, {worst['shape']}"
-                    + (f"; {missing} size(s) not measured" if missing else ""))
-        if missing and line.verdict == "met":
-            line.value = None  # met only where every size was measured
-        lines.append(line)
+    for res, tokens in zip(s.kernel_res, (1025, 4097, 16385)):
+        lines.append(_ratio_line(f"select_tokens vs topk + 2 gathers @ N={tokens}", 2,
+                                 _select(select, resolution=res), "speedup_vs_topk_gather", providers))
     prompt = _select(rows, op="prompt_attention", mode="fwd+bwd", resolution=s.prompt_res)
     lines.append(_ratio_line(f"prompt attention fwd+bwd vs eager ({s.kernel_dtype})", 3,
                              [r for r in prompt if r["dtype"] == s.kernel_dtype], "speedup_vs_eager", providers))
@@ -217,25 +202,33 @@ def _fastest(rows: Sequence[dict], prefix: str, default: str) -> Optional[str]:
 
 def choices(rows: List[dict]) -> List[str]:
     """What the run decides: per size the fastest LSE source of attention_with_importance, per
-    (mode, dtype) the fastest prompt-attention launch variant, and what bounds preloading."""
+    (mode, dtype) the fastest prompt-attention launch variant, per size the fastest select_tokens
+    launch (a forced path or variant against "triton", the default the launcher picks), and what
+    bounds preloading."""
     lines = []
     groups: Dict[tuple, List[dict]] = {}
     for r in rows:
-        if r["op"] in ("attention_with_importance", "prompt_attention"):
+        if r["op"] in ("attention_with_importance", "prompt_attention", "select_tokens"):
             groups.setdefault((r["op"], r["mode"], r["shape"], r["dtype"]), []).append(r)
     for (op, mode, shape, dtype), group in sorted(groups.items()):
         if op == "attention_with_importance":
             text = _fastest(group, "triton:", "triton:kernels")
             name = "LSE source"
+        elif op == "select_tokens":
+            text = _fastest(group, "triton", "triton")
+            name = "launch"
         else:
             text = _fastest(group, "triton:", "triton:default")
             name = "launch variant"
         if text:
             lines.append(f"{op} {mode} {name} @ {shape} {dtype}: {text}")
     for r in rows:
+        if r["op"] == "preload" and r["provider"] == "gpu_decode" and r.get("levels_vs_pil_max") is not None:
+            lines.append(f"preload.decode gpu @ {r['shape']}: frozen inputs up to {r['levels_vs_pil_max']:.1f} "
+                         f"levels of 255 from PIL's, {r['share_off_vs_pil']:.1%} of the values off")
         if r["op"] == "preload" and r["provider"] == "pil_loader+frozen" and r["status"] == "ok":
-            gpu_decode = (f"; GPU decode (nvjpeg) {r['nvjpeg_vs_loader']:.2f}x the PIL loader"
-                          if r.get("nvjpeg_vs_loader") else "")
+            gpu_decode = (f"; with preload.decode gpu {r['gpu_decode_vs_pil']:.2f}x this pipeline"
+                          if r.get("gpu_decode_vs_pil") else "")
             lines.append(f"preload @ {r['shape']}: {r['images_per_s']:.0f} img/s, bound by "
                          f"{r.get('bound', 'unknown')}{gpu_decode}")
     return lines

@@ -3,7 +3,7 @@ _common.py with what they share (masked tile loads/stores, head-dim padding, int
 the float32 dot-precision policy, log2 constants, the CUDA device guard of every launcher).
 
     token_importance.py   flash-attention forward keeping the row LSE; global and class-token importance
-    select_tokens.py      top-n select + gather in one launch
+    select_tokens.py      sort-free top-n select + gather (a per-row plan, then a split copy for long rows)
     prompt_attention.py   prompt cross-attention forward and backward
 
 Limits shared by all: float32/float16/bfloat16 inputs, head size <= 128 (fpt_fast.ops enforces it),

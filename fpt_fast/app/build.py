@@ -2,13 +2,13 @@
 model's place on the device."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
 from ..model import FPT
 from .console import Log
-from .data import BadImages, FrozenTransform, ImageFolderSplit, compute_mean_std
+from .data import BadImages, DeviceFrozenTransform, FrozenTransform, ImageFolderSplit, compute_mean_std
 from .distributed import Group, local_device
 from .settings import Settings
 from .store import FeatureStore, fingerprint
@@ -63,8 +63,30 @@ def frozen_transform(settings: Settings, model: FPT) -> FrozenTransform:
     return FrozenTransform(model.config.image_size, settings.data.mean, settings.data.std)
 
 
-def check_store(store: FeatureStore, settings: Settings, model: FPT, transform: FrozenTransform) -> FeatureStore:
-    """store, its fingerprint checked against this run's (ValueError naming every difference)."""
-    store.check_fingerprint(fingerprint(model, transform.description(), settings.preload.dtype,
-                                        local_device(settings.preload.device)))
+def preload_transform(settings: Settings, model: FPT) -> Union[FrozenTransform, DeviceFrozenTransform]:
+    """How preloading makes the frozen inputs (preload.decode): the official FrozenTransform ("pil"),
+    or DeviceFrozenTransform ("gpu"; data.mean / data.std must be numbers)."""
+    if settings.preload.decode == "gpu":
+        return DeviceFrozenTransform(model.config.image_size, settings.data.mean, settings.data.std)
+    return frozen_transform(settings, model)
+
+
+def gpu_decode_device_problem(settings: Settings, device: torch.device) -> Optional[str]:
+    """Why preload.decode "gpu" cannot run on device (None when it can, or when decode is "pil"):
+    not a CUDA device, or torchvision cannot decode a JPEG there (built without nvJPEG)."""
+    if settings.preload.decode != "gpu":
+        return None
+    if device.type != "cuda":
+        return (f"setting preload.decode='gpu' decodes images on a CUDA GPU, but the preload device is {device} "
+                f"(preload.device={settings.preload.device!r}"
+                f"{'' if torch.cuda.is_available() else '; no CUDA GPU here'})")
+    problem = DeviceFrozenTransform.decoding_problem(device)
+    return None if problem is None else f"setting preload.decode='gpu': {problem}"
+
+
+def check_store(store: FeatureStore, settings: Settings, model: FPT) -> FeatureStore:
+    """store, its fingerprint checked against this run's (ValueError naming every difference); the
+    frozen inputs' transform is preloading's (preload_transform)."""
+    store.check_fingerprint(fingerprint(model, preload_transform(settings, model).description(),
+                                        settings.preload.dtype, local_device(settings.preload.device)))
     return store

@@ -9,7 +9,10 @@ is repeated to three channels, alpha is dropped (PIL's convert("RGB"), as the of
 
 Two transforms per image, the official ones (fpt_fast.model.preprocessing; docs/method.md, section 3):
 - frozen branch (FrozenTransform): PIL bilinear resize of the uint8 image to model.image_size,
-  normalise; never augmented (so it can be preloaded).
+  normalise; never augmented (so it can be preloaded). Preloading may instead decode JPEG files
+  and resize on the GPU (preload.decode: gpu; DeviceFrozenTransform, not bit-identical): the
+  workers then only read the files (read_encoded_image) and decode_on_device makes the batch's
+  frozen inputs on the device.
 - side network (SideTransform): train: horizontal flip, colour jitter, random resized crop to
   side_input_size (in that order, on the PIL image), normalise; eval: resize to side_input_size,
   normalise.
@@ -32,9 +35,11 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 from PIL import Image
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from ..model.preprocessing import FrozenTransform, SideTransform, as_rgb8, resize_to_tensor
+from ..model.preprocessing import (DeviceFrozenTransform, FrozenTransform, SideTransform, as_rgb8,
+                                   device_decodable_jpeg, image_pixels, resize_to_tensor)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".gif")
 
@@ -85,6 +90,42 @@ def load_image(path: Union[str, Path]) -> Image.Image:
             return as_rgb8(image)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise BadImageError(f"cannot read image {path}: {e}") from None
+
+
+def read_encoded_image(path: Union[str, Path]) -> Tensor:
+    """The image at path as DeviceFrozenTransform takes it: a JPEG file it decodes on the device
+    (device_decodable_jpeg) as its bytes, 1-D uint8; any other image decoded here (load_image) as
+    uint8 (3, H, W). BadImageError if unreadable."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise BadImageError(f"cannot read image {path}: {e}") from None
+    if device_decodable_jpeg(data):
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    return image_pixels(load_image(path))
+
+
+def decode_images(transform: DeviceFrozenTransform, images: Sequence[Tensor], paths: Sequence[Path],
+                  device: torch.device) -> Tuple[Optional[Tensor], List[int], List[Tuple[int, str]]]:
+    """transform(images, device) (images from read_encoded_image of paths): (frozen inputs, the rows
+    of images they are of, (row, message) of each image that could not be read). When the device
+    decoder refuses the batch, the images go one at a time, and one it refuses is decoded by PIL."""
+    try:
+        return transform(images, device), list(range(len(images))), []
+    except RuntimeError:
+        pass  # one image at a time: only the refused ones take the slower PIL path
+    frozen, rows, bad = [], [], []
+    for row, (image, path) in enumerate(zip(images, paths)):
+        try:
+            frozen.append(transform([image], device))
+        except RuntimeError:
+            try:
+                frozen.append(transform([image_pixels(load_image(path))], device))
+            except BadImageError as e:
+                bad.append((row, str(e)))
+                continue
+        rows.append(row)
+    return (torch.cat(frozen) if frozen else None), rows, bad
 
 
 def is_hidden(name: str) -> bool:
@@ -209,21 +250,24 @@ class FPTDataset(Dataset):
     """Items of one split for training or evaluation.
 
     Each item is a dict: "position" (index in the split), "label", "side" (3, h, w) and, as asked,
-    "frozen" (3, H, W) (frozen-branch input) or "keys"/"values" (L, H, n, d) read from a feature
-    store (stored dtype). An unreadable image gives a BadSample instead.
+    "frozen" (3, H, W) (frozen-branch input), or with a DeviceFrozenTransform "encoded" (the image
+    as read_encoded_image gives it, made into "frozen" later by decode_on_device), or "keys"/"values"
+    (L, H, n, d) read from a feature store (stored dtype). An unreadable image gives a BadSample
+    instead.
 
     Args:
         split: the ImageFolderSplit.
         side: SideTransform, or None when the side input is not needed.
-        frozen: FrozenTransform, or None.
+        frozen: FrozenTransform, DeviceFrozenTransform, or None.
         store: a fpt_fast.app.store.StoreSplit with the split's features, or None.
         positions: the sample positions this dataset serves (default: all, or with a store all it
             holds features of).
         seed: base seed of the augmentation.
     """
 
-    def __init__(self, split: ImageFolderSplit, side: Optional[SideTransform], frozen: Optional[FrozenTransform] = None,
-                 store=None, positions: Optional[Sequence[int]] = None, seed: int = 0):
+    def __init__(self, split: ImageFolderSplit, side: Optional[SideTransform],
+                 frozen: Union[FrozenTransform, DeviceFrozenTransform, None] = None, store=None,
+                 positions: Optional[Sequence[int]] = None, seed: int = 0):
         self.split = split
         self.side = side
         self.frozen = frozen
@@ -243,12 +287,17 @@ class FPTDataset(Dataset):
     def __getitem__(self, index: int):
         position = self.positions[index]
         item: Dict[str, object] = {"position": position, "label": self.split.samples[position].label}
-        if self.side is not None or self.frozen is not None:
+        if isinstance(self.frozen, DeviceFrozenTransform):
+            try:
+                item["encoded"] = read_encoded_image(self.split.path(position))
+            except BadImageError as e:
+                return BadSample(position, str(self.split.path(position)), str(e))
+        if self.side is not None or isinstance(self.frozen, FrozenTransform):
             try:
                 image = load_image(self.split.path(position))
             except BadImageError as e:
                 return BadSample(position, str(self.split.path(position)), str(e))
-            if self.frozen is not None:
+            if isinstance(self.frozen, FrozenTransform):
                 item["frozen"] = self.frozen(image)
             if self.side is not None:
                 if self.side.train:  # random: seeded per (seed, epoch, position)
@@ -264,15 +313,48 @@ class FPTDataset(Dataset):
 
 def collate(items: List) -> Dict[str, object]:
     """Stacks the good items; "bad" lists the BadSamples; "position" and "label" are always there
-    (empty when every item is bad). Tensors keep the item layout (B first)."""
+    (empty when every item is bad). Tensors keep the item layout (B first); "encoded" images (of
+    different sizes) stay a list."""
     good = [i for i in items if not isinstance(i, BadSample)]
     batch: Dict[str, object] = {"bad": [i for i in items if isinstance(i, BadSample)]}
     batch["position"] = torch.tensor([i["position"] for i in good], dtype=torch.long)
     batch["label"] = torch.tensor([i["label"] for i in good], dtype=torch.long)
     for key in good[0] if good else ():
-        if key not in ("position", "label"):
+        if key == "encoded":
+            batch[key] = [i[key] for i in good]
+        elif key not in ("position", "label"):
             batch[key] = torch.stack([i[key] for i in good])
     return batch
+
+
+def decode_on_device(batch: dict, transform: DeviceFrozenTransform, split, device: torch.device) -> dict:
+    """A batch of an FPTDataset with a DeviceFrozenTransform, its "encoded" images made into
+    "frozen" (B, 3, H, W) float32 on device (decode_images); an image PIL cannot read either moves
+    to "bad" (a BadSample), its position and label out of the batch."""
+    encoded = batch.pop("encoded", [])
+    if not encoded:
+        return batch
+    positions = batch["position"].tolist()
+    paths = [split.path(p) for p in positions]
+    batch["frozen"], rows, bad = decode_images(transform, encoded, paths, device)
+    if bad:
+        batch["bad"] = list(batch["bad"]) + [BadSample(positions[row], str(paths[row]), message)
+                                             for row, message in bad]
+        kept = torch.tensor(rows, dtype=torch.long)
+        batch["position"], batch["label"] = batch["position"][kept], batch["label"][kept]
+    return batch
+
+
+def frozen_inputs(transform: Union[FrozenTransform, DeviceFrozenTransform], paths: Sequence[Path],
+                  device: torch.device) -> Tensor:
+    """(B, 3, H, W) float32 on device: the frozen inputs of image files as preloading makes them with
+    transform. BadImageError naming a file that cannot be read."""
+    if isinstance(transform, FrozenTransform):
+        return torch.stack([transform(load_image(path)) for path in paths]).to(device)
+    frozen, _, bad = decode_images(transform, [read_encoded_image(path) for path in paths], paths, device)
+    if bad:
+        raise BadImageError(bad[0][1])
+    return frozen
 
 
 def make_loader(dataset: Dataset, batch_size: Optional[int] = None, num_workers: int = 0,

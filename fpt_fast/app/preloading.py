@@ -1,6 +1,10 @@
 """Preloading: the frozen branch run once over the splits, its K_sel / V_sel written into a feature
 store (the format, reader and writer are fpt_fast.app.store); and the check of a finished store.
 
+The frozen inputs are made as preload.decode says: the official PIL preprocessing in the DataLoader
+workers, or ("gpu") the workers read the files and the GPU decodes and resizes them
+(fpt_fast.app.data.decode_on_device; not bit-identical, and recorded in the store's fingerprint).
+
 An interrupted preload resumes with the shards it has not finished; the shards it keeps are
 checked whole first (a damaged one is computed again, and said so). Under torchrun the shards
 still to write are dealt out to the processes (each writes whole shards and records them in its
@@ -12,15 +16,16 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
 from ..model import FPT
-from .build import build_model, check_store, frozen_transform, with_normalization
+from .build import build_model, check_store, gpu_decode_device_problem, preload_transform, with_normalization
 from .console import Log, Progress, quiet
-from .data import BadImages, FPTDataset, FrozenTransform, ImageFolderSplit, find_classes, make_loader
+from .data import (BadImages, DeviceFrozenTransform, FPTDataset, FrozenTransform, ImageFolderSplit, decode_on_device,
+                   find_classes, make_loader)
 from .distributed import Group, local_device
 from .files import DiskFullError, make_folder
 from .settings import Settings
@@ -67,6 +72,9 @@ def preload(settings: Settings, log: Log = print) -> PreloadResult:
     if data.root is None:
         raise ValueError("setting data.root is not set: the folder with train/, val/ and test/")
     device = local_device(opts.device)
+    problem = gpu_decode_device_problem(settings, device)
+    if problem is not None:
+        raise ValueError(f"{problem}: set preload.decode to 'pil' (the official preprocessing)")
     # Before any image is read: a file at data.store, or another preload writing there, stops it.
     # Rank 0 holds the lock for all the processes.
     lock = group.main_first(lambda: StoreLock(make_folder(data.store, "data.store")) if group.is_main else None)
@@ -89,7 +97,7 @@ def _preload_locked(settings: Settings, device: torch.device, group: Group, log:
     settings = with_normalization(settings, train_split, existing, log, bad_images, group)
     model = build_model(settings, len(classes))
     config = model.config
-    transform = frozen_transform(settings, model)
+    transform = preload_transform(settings, model)
     run_fingerprint = fingerprint(model, transform.description(), opts.dtype, device)
     feature_shape = (len(config.layers), config.backbone_info.num_heads, config.num_selected, config.backbone_info.head_dim)
     # Rank 0 creates the manifest (or checks the existing one) before the others open the store.
@@ -98,7 +106,9 @@ def _preload_locked(settings: Settings, device: torch.device, group: Group, log:
     model.to(device).eval()
     where = str(device) if not group.active else f"{group.world_size} processes ({device.type})"
     log(f"preloading into {data.store}: K_sel/V_sel of shape (L={feature_shape[0]}, H={feature_shape[1]}, "
-        f"n={feature_shape[2]}, d={feature_shape[3]}) per image, stored as {opts.dtype}, on {where}")
+        f"n={feature_shape[2]}, d={feature_shape[3]}) per image, stored as {opts.dtype}, on {where}"
+        + (", images decoded and resized on the GPU (preload.decode: gpu, not the official PIL preprocessing)"
+           if opts.decode == "gpu" else ""))
     reports = []
     for split in splits:
         report = preload_split(model, writer, split, transform, device, opts.batch_size, bad_images,
@@ -126,10 +136,12 @@ def _preload_locked(settings: Settings, device: torch.device, group: Group, log:
     return PreloadResult(store.root, reports, per_image, official, bad_images.messages)
 
 
-def preload_split(model: FPT, writer: StoreWriter, split: ImageFolderSplit, transform: FrozenTransform,
-                  device: torch.device, batch_size: int, bad_images: BadImages, num_workers: int = 0,
-                  progress: bool = False, group: Optional[Group] = None) -> SplitReport:
-    """Computes and stores the features of one split, continuing an interrupted run.
+def preload_split(model: FPT, writer: StoreWriter, split: ImageFolderSplit,
+                  transform: Union[FrozenTransform, DeviceFrozenTransform], device: torch.device, batch_size: int,
+                  bad_images: BadImages, num_workers: int = 0, progress: bool = False,
+                  group: Optional[Group] = None) -> SplitReport:
+    """Computes and stores the features of one split, continuing an interrupted run. With a
+    DeviceFrozenTransform the loader delivers the encoded images, decoded on device here.
 
     Unreadable images go to bad_images (a BadImageError, or, when skipping, a record of zeros, its
     position recorded as left out and its message in the report). Finished shards stay valid.
@@ -162,6 +174,8 @@ def preload_split(model: FPT, writer: StoreWriter, split: ImageFolderSplit, tran
         shard = None
         try:
             for batch in loader:
+                if isinstance(transform, DeviceFrozenTransform):
+                    batch = decode_on_device(batch, transform, split, device)
                 bad_images.handle(batch["bad"])
                 left_out += [(sample.position, sample.reason) for sample in batch["bad"]]
                 records = _batch_records(model, batch, device, writer.dtype, split)
@@ -237,14 +251,18 @@ def verify_store(settings: Settings, recompute: int = 4, log: Log = print) -> Ve
     store = FeatureStore(data.store)
     model = transform = None
     device = local_device(settings.preload.device)
+    problem = gpu_decode_device_problem(settings, device)
+    if problem is not None and data.root is not None and recompute > 0:
+        log(f"verify {store.root}: no samples recomputed: {problem}")
+        recompute = 0
     if data.root is not None and recompute > 0:
         settings = with_normalization(settings, None, store, log, BadImages(data.skip_bad_images))
         # Recompute as the store's machine computed (a GPU's bfloat16 runs on the CPU too).
         settings = settings.replace("model", frozen_dtype=store.fingerprint["frozen_compute_dtype"],
                                     feature_dtype=store.fingerprint["feature_dtype"])
         model = build_model(settings, len(store.classes))
-        transform = frozen_transform(settings, model)
-        check_store(store, settings, model, transform)
+        transform = preload_transform(settings, model)
+        check_store(store, settings, model)
         model.to(device).eval()
     report = verify(store.root, model, transform, data.root, device, recompute if model is not None else 0)
     log(f"verify {store.root}: {report.samples} samples, {report.bytes / 2 ** 20:.1f} MiB of shards"

@@ -77,7 +77,7 @@ import torch
 from torch import Tensor, nn
 
 from ..model import FrozenFeatures
-from .data import load_image
+from .data import frozen_inputs
 from .files import atomic_write_json, disk_full_error, is_disk_full, make_folder, remove_stale_temporaries
 
 FORMAT_VERSION = 2
@@ -687,8 +687,9 @@ class VerifyReport:
 def verify(path: Union[str, Path], model=None, transform=None, data_root=None, device="cpu",
            recompute: int = 4, seed: int = 0) -> VerifyReport:
     """Checks a store: every split finished, every shard whole (check_shard: size, header, CRC-32),
-    no NaN/inf. With model, transform and data_root, also recomputes ``recompute`` random samples
-    per split and compares them with the stored records (tolerance VERIFY_TOLERANCE)."""
+    no NaN/inf. With model, transform (preloading's: a FrozenTransform or DeviceFrozenTransform) and
+    data_root, also recomputes ``recompute`` random samples per split and compares them with the
+    stored records (tolerance VERIFY_TOLERANCE)."""
     store = FeatureStore(path)
     problems: List[str] = []
     total_samples, total_bytes = 0, 0
@@ -718,8 +719,8 @@ def verify(path: Union[str, Path], model=None, transform=None, data_root=None, d
             split = store.split(name, check=False)
             candidates = split.present_positions()
             chosen = sorted(random.Random(seed).sample(candidates, min(recompute, len(candidates))))
-            images = torch.stack([transform(load_image(Path(data_root) / split.samples[p][0])) for p in chosen])
-            fresh = records_from_features(model.extract(images.to(device))).float().cpu()
+            images = frozen_inputs(transform, [Path(data_root) / split.samples[p][0] for p in chosen], device)
+            fresh = records_from_features(model.extract(images)).float().cpu()
             stored = torch.stack([from_storage(split.read_record(p), store.dtype) for p in chosen]).float()
             error = ((stored - fresh).abs() / (fresh.abs() + 1)).amax().item()
             max_error = max(max_error, error)

@@ -13,21 +13,31 @@
 
 Images of other modes are first made 8-bit RGB (as_rgb8). Random draws come from torch's global
 generator, in the official order, so the same seed gives the official augmentation.
+
+Not official: DeviceFrozenTransform makes the frozen input on a device (a GPU) from the encoded
+JPEG file, for preloading (the fpt-fast setting preload.decode: gpu); close to FrozenTransform's
+output but not bit-identical (its docstring says how close).
 """
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from collections import defaultdict
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
+import torch
 from PIL import Image
 from torch import Tensor
 from torchvision import transforms as T
+from torchvision.transforms.v2 import functional as tv_functional
 
 from .config import FPTConfig
 
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 # How FrozenTransform resizes, in the words the feature store's fingerprint records.
 FROZEN_RESIZE = "pil-bilinear-uint8"
+# How DeviceFrozenTransform decodes and resizes, likewise.
+DEVICE_DECODE = "torchvision-decode_jpeg-on-device, other images pil"
+DEVICE_RESIZE = "torchvision-antialiased-bilinear-uint8-rounded"
 
 
 def as_rgb8(image: Image.Image) -> Image.Image:
@@ -129,3 +139,104 @@ class FPTTransforms:
 
     def __call__(self, image: Image.Image) -> Tuple[Tensor, Tensor]:
         return self.frozen(image), self.side(image)
+
+
+def device_decodable_jpeg(data: bytes) -> bool:
+    """Whether data is a JPEG file that DeviceFrozenTransform decodes on its device: Huffman-coded
+    (baseline, extended or progressive), 8-bit, 1 (grayscale) or 3 (YCbCr) components, no Adobe
+    colour-transform marker, ending with its end-of-image marker. Anything else (CMYK, 12-bit,
+    arithmetic-coded or lossless JPEGs, files cut short) goes to PIL, whose colour conversion and
+    error on a truncated file are the official path's."""
+    if data[:3] != b"\xff\xd8\xff" or data.rstrip(b"\x00")[-2:] != b"\xff\xd9":
+        return False
+    i = 2
+    while i + 4 <= len(data):
+        if data[i] != 0xFF:
+            return False
+        marker = data[i + 1]
+        if marker == 0xFF:          # fill byte
+            i += 1
+            continue
+        length = int.from_bytes(data[i + 2:i + 4], "big")
+        if marker == 0xEE and data[i + 4:i + 9] == b"Adobe":
+            return False
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # a frame header (SOFn)
+            return marker in (0xC0, 0xC1, 0xC2) and i + 10 <= len(data) and data[i + 4] == 8 and data[i + 9] in (1, 3)
+        if marker == 0xDA:          # a scan before any frame header
+            return False
+        i += 2 + length
+    return False
+
+
+def image_pixels(image: Image.Image) -> Tensor:
+    """uint8 (3, H, W) pixels of a PIL image (made 8-bit RGB: as_rgb8)."""
+    return torch.from_numpy(np.array(as_rgb8(image))).permute(2, 0, 1).contiguous()
+
+
+class DeviceFrozenTransform:
+    """Frozen-branch inputs made on a device, for preloading: NOT the official preprocessing.
+
+    images: JPEG files as their bytes (1-D uint8, device_decodable_jpeg), decoded on the device with
+    torchvision.io.decode_jpeg (nvJPEG on CUDA), or images already decoded (uint8 (3, H, W): other
+    formats, decoded by PIL: image_pixels). Each is resized to size with torchvision's antialiased
+    bilinear resize of uint8 images (rounded to uint8, as PIL's resize is), images of one size in
+    one call, then scaled to [0, 1] and normalised with FrozenTransform's arithmetic. Returns float32
+    (B, 3, h, w) on the device.
+
+    How far from FrozenTransform (the official PIL path), measured here on the CPU (synthetic images,
+    JPEG quality 95, 2048x1536 and smaller, resized to 512 and 1024 px): torchvision's CPU decoder
+    gave libjpeg's (PIL's) pixels exactly, and its CPU uint8 resize PIL's resized pixels exactly or
+    one level of 255 off on under 0.2 % of the values. On CUDA the resize interpolates in float32 and
+    rounds: that arithmetic, reproduced on the CPU, moved 4-17 % of the values by one level (none by
+    more). nvJPEG's decoding against libjpeg's is unmeasured (IDCT and chroma upsampling may differ
+    by a few levels; benchmarks/preload.py times the option on a GPU). A feature store records which
+    transform made it (description), so stores made the two ways are never mixed.
+    """
+
+    def __init__(self, size, mean: Sequence[float], std: Sequence[float]):
+        frozen = FrozenTransform(size, mean, std)  # the same checks and normalisation constants
+        self.size, self.mean, self.std = frozen.size, frozen.mean, frozen.std
+
+    def __call__(self, images: Sequence[Tensor], device) -> Tensor:
+        device = torch.device(device)
+        pixels = list(images)
+        encoded = [row for row, image in enumerate(pixels) if image.dim() == 1]
+        if encoded:
+            # Imported here: torchvision 0.29 warns at import that its image decoders are deprecated
+            # (superseded by TorchCodec); only this option uses them.
+            from torchvision import io as tv_io
+
+            decoded = tv_io.decode_jpeg([pixels[row] for row in encoded], mode=tv_io.ImageReadMode.RGB,
+                                        device=device)
+            for row, image in zip(encoded, decoded):
+                pixels[row] = image
+        by_size = defaultdict(list)
+        for row, image in enumerate(pixels):
+            by_size[tuple(image.shape)].append(row)
+        out = torch.empty((len(pixels), 3, *self.size), device=device)
+        for rows in by_size.values():
+            batch = torch.stack([pixels[row].to(device, non_blocking=True) for row in rows])
+            out[rows] = tv_functional.resize(batch, list(self.size), antialias=True).float()
+        mean = torch.tensor(self.mean, device=device).view(3, 1, 1)
+        std = torch.tensor(self.std, device=device).view(3, 1, 1)
+        return out.div_(255).sub_(mean).div_(std)
+
+    @staticmethod
+    def decoding_problem(device) -> Optional[str]:
+        """Why torchvision cannot decode JPEG files on device (None when a small one decodes there)."""
+        import io
+
+        from torchvision import io as tv_io
+
+        buffer = io.BytesIO()
+        Image.new("RGB", (16, 16), (200, 100, 50)).save(buffer, format="JPEG")
+        try:
+            tv_io.decode_jpeg(torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8), device=device)
+        except RuntimeError as e:
+            return f"torchvision cannot decode JPEG files on {device} ({e})"
+        return None
+
+    def description(self) -> dict:
+        """What determines this transform's output (part of the feature-store fingerprint)."""
+        return {"size": list(self.size), "decode": DEVICE_DECODE, "resize": DEVICE_RESIZE, "mean": list(self.mean),
+                "std": list(self.std)}

@@ -93,6 +93,42 @@ def test_collate_sets_bad_samples_apart(tmp_path):
     assert len(batch["bad"]) == 1 and "vertical_0001.png" in batch["bad"][0].reason
 
 
+def test_gpu_decode_batches_fall_back_to_pil_one_image_at_a_time(tmp_path, monkeypatch):
+    """preload.decode "gpu" on the CPU stand-in: the workers give JPEG bytes and decoded PNG pixels,
+    decode_on_device makes the frozen batch; a JPEG the device decoder refuses is decoded by PIL,
+    one PIL cannot read either becomes a BadSample; the batch equals frozen_inputs of its files."""
+    import torchvision.io as tv_io
+
+    root = demo.generate_dataset(tmp_path / "ds", seed=2, images_per_class={"train": 2, "val": 1, "test": 1})
+    for path in sorted((root / "train").rglob("*.png"))[:4]:   # checker and horizontal: JPEG files
+        Image.open(path).convert("RGB").save(path.with_suffix(".jpg"), quality=95)
+        path.unlink()
+    split = data.ImageFolderSplit(root, "train")
+    transform = data.DeviceFrozenTransform((64, 48), [0.5] * 3, [0.25] * 3)
+    dataset = data.FPTDataset(split, None, frozen=transform)
+    items = [dataset[i] for i in range(len(dataset))]
+    assert [item["encoded"].dim() for item in items] == [1, 1, 1, 1, 3, 3]   # bytes; PNG pixels
+    broken = split.path(3)
+    original = tv_io.decode_jpeg
+
+    def refuse(inputs, **kwargs):
+        if any(torch.equal(x, items[0]["encoded"]) or torch.equal(x, items[3]["encoded"]) for x in inputs):
+            raise RuntimeError("the device decoder refuses this file")
+        return original(inputs, **kwargs)
+    monkeypatch.setattr(tv_io, "decode_jpeg", refuse)
+    broken.write_bytes(b"\xff\xd8\xff not a JPEG any more")  # PIL re-reads it: unreadable
+    batch = data.decode_on_device(data.collate(items), transform, split, torch.device("cpu"))
+    assert batch["position"].tolist() == [0, 1, 2, 4, 5] and batch["label"].shape == (5,)
+    assert len(batch["bad"]) == 1 and batch["bad"][0].position == 3 and broken.name in batch["bad"][0].reason
+    assert batch["frozen"].shape == (5, 3, 64, 48) and "encoded" not in batch
+    monkeypatch.setattr(tv_io, "decode_jpeg", original)
+    expected = data.frozen_inputs(transform, [split.path(p) for p in (0, 1, 2, 4, 5)], torch.device("cpu"))
+    # File 0 was decoded by PIL, the rest by torchvision: within one level of 255 (here: equal).
+    torch.testing.assert_close(batch["frozen"], expected, atol=1.01 / 255 / 0.25, rtol=0)
+    with pytest.raises(data.BadImageError, match=broken.name):
+        data.frozen_inputs(transform, [broken], torch.device("cpu"))
+
+
 def test_mean_std_of_the_train_split(tmp_path):
     root = demo.generate_dataset(tmp_path / "ds", seed=1, images_per_class={"train": 2, "val": 1, "test": 1})
     split = data.ImageFolderSplit(root, "train")

@@ -129,3 +129,37 @@ def test_a_full_disk_names_the_shard_keeps_the_finished_ones_and_a_rerun_resumes
     assert not [p for p in path.iterdir() if ".tmp-" in p.name]
     result = preload(settings, log=lambda _: None)
     assert (result.reports[0].shards_reused, result.reports[0].shards_written) == (1, 2)
+
+
+def test_gpu_decode_is_refused_without_cuda_and_its_store_is_told_apart(tmp_path, monkeypatch):
+    """preload.decode "gpu": refused on a machine without CUDA, naming the setting. Its code path
+    (run here on the CPU stand-in) makes a store whose fingerprint names the device transform,
+    which runs with decode "pil" refuse (naming the transform) and verify recomputes alike."""
+    import torch
+    from PIL import Image
+
+    from fpt_fast.app import preloading
+    from fpt_fast.app.build import check_store
+    from fpt_fast.app.preloading import build_model
+
+    settings = tiny_settings(tmp_path, "data.mean=[0.5, 0.5, 0.5]", "data.std=[0.25, 0.25, 0.25]")
+    for path in sorted((tmp_path / "data").rglob("*.png"))[::2]:   # half the images as JPEG files
+        Image.open(path).convert("RGB").save(path.with_suffix(".jpg"), quality=90)
+        path.unlink()
+    gpu = settings.replace("preload", device="auto", decode="gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="preload.decode='gpu' decodes images on a CUDA GPU, but the preload "
+                                             "device is cpu .*set preload.decode to 'pil'"):
+            preload(gpu, log=lambda _: None)
+        monkeypatch.setattr(preloading, "gpu_decode_device_problem", lambda settings, device: None)
+    result = preload(gpu, log=lambda _: None)
+    made = store.FeatureStore(result.store)
+    assert made.fingerprint["transform"] == data.DeviceFrozenTransform((64, 48), [0.5] * 3, [0.25] * 3).description()
+    assert all(r.samples == len(store.FeatureStore(result.store).split(r.split).present_positions())
+               for r in result.reports)
+    model = build_model(settings, 3)
+    with pytest.raises(ValueError, match="transform: store has"):
+        check_store(made, settings, model)          # decode "pil": another transform
+    check_store(made, gpu, model)
+    report = verify_store(gpu, recompute=2, log=lambda _: None)
+    assert report.ok and report.recomputed == 6

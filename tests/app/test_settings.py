@@ -74,6 +74,7 @@ def test_override_values_are_read_as_yaml():
     ("data.mean=[0.5, 0.5]", TypeError, "setting data.mean"),
     ("preload.dtype=int8", ValueError, "setting preload.dtype: expected 'bfloat16' or 'float16' or 'float32'"),
     ("model.preset=vpt", ValueError, "setting model.preset"),
+    ("preload.decode=nvjpeg", ValueError, "setting preload.decode: expected 'pil' or 'gpu'"),
     ("train.lr", ValueError, "expected SECTION.KEY=VALUE"),
     ("lr=1", ValueError, "SECTION.KEY"),
 ])
@@ -111,6 +112,14 @@ OUT_OF_RANGE = [
     ("data.std=[0.2, 0, 0.2]", "data.std=.* is out of range: expected 'auto' or three numbers > 0"),
     ("train.class_weights=[0, 0, 0]", "train.class_weights=.* is out of range"),
 ]
+
+
+def test_gpu_decode_on_the_cpu_is_refused_when_the_settings_load():
+    with pytest.raises(ValueError, match="setting preload.decode='gpu' decodes images on a CUDA GPU, but "
+                                         "preload.device='cpu'"):
+        load_settings(None, ["preload.decode=gpu", "preload.device=cpu", "model.pretrained=false"])
+    assert load_settings(None, ["preload.decode=gpu", "model.pretrained=false"]).preload.decode == "gpu"
+    assert load_settings(None, ["model.pretrained=false"]).preload.decode == "pil"  # the official path
 
 
 @pytest.mark.parametrize("override,match", OUT_OF_RANGE, ids=[o for o, _ in OUT_OF_RANGE])

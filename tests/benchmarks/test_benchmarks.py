@@ -180,7 +180,9 @@ def test_preload_smoke(out):
     for provider in ("pil_loader", "frozen_forward", "pil_loader+frozen"):
         assert by[provider]["status"] == "ok" and by[provider]["images_per_s"] > 0, provider
     assert by["pil_loader+frozen"]["bound"].startswith(("decoding", "the frozen forward"))
-    assert by["nvjpeg"]["status"] == "skipped" and "CUDA" in by["nvjpeg"]["reason"]
+    for provider in ("gpu_decode", "gpu_decode+frozen"):  # the option's code path, on the CPU in --smoke
+        assert by[provider]["status"] == "ok" and by[provider]["images_per_s"] > 0, provider
+    assert by["pil_loader+frozen"]["gpu_decode_vs_pil"] > 0
 
 
 def test_synthetic_jpegs_decode_to_their_size(tmp_path):
@@ -200,12 +202,12 @@ def test_targets_are_computed_from_the_smoke_rows(out):
     if not {r["op"] for r in data["rows"]} >= {"token_importance", "extract", "train_step", "preload"}:
         pytest.skip("needs the smoke runs above")
     lines = targets.evaluate(data)
-    assert len(lines) == 10
+    assert len(lines) == 12
     for line in lines:
         assert line.verdict in ("met", "MISSED", "not measured") and line.where
     missing = [line.target for line in lines if line.value is None]
     assert missing == ["FPT step peak memory vs reference, no preload"], missing
-    assert "not recorded on cpu" in lines[7].where
+    assert "not recorded on cpu" in lines[9].where
     text = targets.main([str(out)])
     assert text.splitlines()[-1].endswith("not measured") and "SMOKE" in text
     assert json.loads((out / "targets.json").read_text())["targets"][0]["target"] == lines[0].target
@@ -219,11 +221,14 @@ def test_choices_name_the_fastest_variant_and_lse_source():
             r("prompt_attention", "triton:bwd:batch_chunk=1", 0.5, mode="fwd+bwd"),
             r("prompt_attention", "eager", 0.1, mode="fwd+bwd"),
             r("attention_with_importance", "triton:kernels", 1.0),
+            r("select_tokens", "triton", 0.3), r("select_tokens", "triton:rowwise", 0.2),
+            r("select_tokens", "triton:split", 0.31), r("select_tokens", "topk_gather", 0.1),
             r("attention_with_importance", "triton:lse=cudnn", 1.25),
             dict(r("attention_with_importance", "triton:lse=flash", None), status="error", reason="LSE differs")]
     text = "\n".join(targets.choices(rows))
     assert "fastest triton:bwd:batch_chunk=1 0.500 ms vs triton:default 2.000 ms (4.00x)" in text
     assert "fastest triton:kernels 1.000 ms vs triton:kernels" in text  # the own forward stays
+    assert "select_tokens fwd launch @ s bfloat16: fastest triton:rowwise 0.200 ms vs triton 0.300 ms (1.50x)" in text
 
 
 def test_prompt_attention_bytes_model():
@@ -260,7 +265,7 @@ def test_run_all_on_the_cpu(tmp_path):
         assert (folder / name).stat().st_size > 0, name
     assert [line.split("\t")[0] for line in (folder / "steps.tsv").read_text().splitlines()] == ["preload"]
     last = done.stdout.strip().splitlines()
-    assert last[-1].startswith(("0 of 10 targets met", "1 of 10 targets met")) and "Targets" in "\n".join(last[-13:])
+    assert last[-1].startswith(("0 of 12 targets met", "1 of 12 targets met")) and "Targets" in "\n".join(last[-15:])
     assert "torch " in (folder / "versions.txt").read_text()
     with tarfile.open(archive) as tar:
         assert any(name.endswith("run/results.json") for name in tar.getnames())

@@ -116,3 +116,96 @@ def test_the_pair_of_inputs_for_a_model():
         FPTTransforms(config, MEAN, [0.2, 0.0, 0.3])
     with pytest.raises(ValueError, match="3 \\(RGB\\) values"):
         FPTTransforms(config, [0.5] * 2, STD)
+
+
+# ------------------------------------------------------------------ the GPU decode option (CPU stand-in)
+def _jpeg_bytes(image, **save):
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=95, **save)
+    return buffer.getvalue()
+
+
+def _encoded(data: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
+def test_device_decodable_jpegs_are_8_bit_huffman_gray_or_ycbcr_and_whole():
+    import io
+
+    from fpt_fast.model.preprocessing import device_decodable_jpeg
+
+    rgb = photo()
+    assert device_decodable_jpeg(_jpeg_bytes(rgb))
+    assert device_decodable_jpeg(_jpeg_bytes(rgb, progressive=True))
+    assert device_decodable_jpeg(_jpeg_bytes(rgb.convert("L")))
+    assert not device_decodable_jpeg(_jpeg_bytes(rgb.convert("CMYK")))    # PIL's colour conversion instead
+    assert not device_decodable_jpeg(_jpeg_bytes(rgb)[:-200])              # cut short: PIL names the error
+    png = io.BytesIO()
+    rgb.save(png, format="PNG")
+    assert not device_decodable_jpeg(png.getvalue()) and not device_decodable_jpeg(b"")
+
+
+@pytest.mark.parametrize("kind", ["jpeg", "jpeg-gray", "jpeg-progressive", "png-rgba", "png-16bit"])
+def test_device_transform_on_the_cpu_is_within_one_level_of_the_official(kind):
+    """DeviceFrozenTransform on the CPU (torchvision's decoder and uint8 resize: the GPU path's code)
+    against FrozenTransform (PIL): within one level of 255 per pixel, mostly equal; images of two
+    sizes in one call; the description names the decoder, so store fingerprints differ."""
+    import io
+
+    from fpt_fast.model.preprocessing import DeviceFrozenTransform, image_pixels
+
+    images, inputs = [], []
+    for seed, (height, width) in enumerate([(75, 61), (75, 61), (90, 52)]):
+        image = photo(height, width, seed)
+        if kind.startswith("jpeg"):
+            data = _jpeg_bytes(image.convert("L") if kind == "jpeg-gray" else image,
+                               progressive=kind == "jpeg-progressive")
+            images.append(Image.open(io.BytesIO(data)))
+            inputs.append(_encoded(data))
+        else:
+            image = image.convert("RGBA") if kind == "png-rgba" else \
+                Image.fromarray((np.asarray(image.convert("L"), dtype=np.uint16) * 257).astype(np.uint16))
+            images.append(image)
+            inputs.append(image_pixels(image))
+    official = FrozenTransform((48, 40), MEAN, STD)
+    device = DeviceFrozenTransform((48, 40), MEAN, STD)
+    got = device(inputs, "cpu")
+    want = torch.stack([official(image) for image in images])
+    assert got.shape == want.shape and got.dtype == torch.float32
+    levels = ((got - want) * torch.tensor(STD)[:, None, None] * 255).abs()
+    assert levels.max() <= 1 + 1e-3 and (levels < 1e-3).float().mean() > 0.9
+    assert device.description() != official.description() and "decode" in device.description()
+
+
+def test_a_device_that_cannot_decode_jpeg_is_named(monkeypatch):
+    import torchvision.io as tv_io
+
+    from fpt_fast.model.preprocessing import DeviceFrozenTransform
+
+    assert DeviceFrozenTransform.decoding_problem("cpu") is None
+
+    def unavailable(*args, **kwargs):
+        raise RuntimeError("not compiled with nvJPEG support")
+    monkeypatch.setattr(tv_io, "decode_jpeg", unavailable)
+    assert DeviceFrozenTransform.decoding_problem("cpu") == \
+        "torchvision cannot decode JPEG files on cpu (not compiled with nvJPEG support)"
+
+
+@pytest.mark.cuda
+def test_device_transform_on_a_gpu_is_close_to_the_official():
+    """nvJPEG and the CUDA resize against PIL (unmeasured before the first GPU run): a few levels of
+    255 at most, under one on average; a swapped channel, a missing normalisation or a colour-space
+    slip would be tens of levels off."""
+    import io
+
+    from fpt_fast.model.preprocessing import DeviceFrozenTransform
+
+    assert DeviceFrozenTransform.decoding_problem("cuda") is None
+    data = [_jpeg_bytes(photo(300, 400, seed)) for seed in range(3)] + [_jpeg_bytes(photo(300, 400, 9).convert("L"))]
+    got = DeviceFrozenTransform((128, 96), MEAN, STD)([_encoded(d) for d in data], "cuda")
+    assert got.device.type == "cuda"
+    want = torch.stack([FrozenTransform((128, 96), MEAN, STD)(Image.open(io.BytesIO(d))) for d in data])
+    levels = ((got.cpu() - want) * torch.tensor(STD)[:, None, None] * 255).abs()
+    assert levels.max() <= 8 and levels.mean() < 1, (levels.max().item(), levels.mean().item())

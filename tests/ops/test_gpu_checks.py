@@ -2,9 +2,10 @@
 
 Every kernel and backend as fpt_fast.ops runs them: token importance ("global" and "class_token",
 with and without a given LSE), attention_with_importance (the own flash forward and every PyTorch
-forward it can take its LSE from), select_tokens (Triton, the native CPU/CUDA select, "torch"),
-prompt attention forward and backward (shared and per-image q, with and without K/V gradients,
-the launch variants the benchmark compares against the defaults), in float32, float16 and bfloat16.
+forward it can take its LSE from), select_tokens (Triton and its launch variants, the native CPU/CUDA
+select, "torch"), prompt attention forward and backward (shared and per-image q, with and without K/V
+gradients, the launch variants the benchmark compares against the defaults), in float32, float16 and
+bfloat16.
 
 Shapes: the odd ones of the ops' own CPU tests, then ViT-B/16 (H = 12) and ViT-L/16 (H = 16) heads,
 d = 64, at 512, 1024 and 2048 px (N = 1025, 4097, 16385). The same test bodies run on the CPU, under
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 import fpt_fast.ops.triton_backend as triton_backend
 from fpt_fast import ops, reference
 from fpt_fast.kernels import prompt_attention as prompt_kernel
+from fpt_fast.kernels import select_tokens as select_kernel
 from fpt_fast.kernels import token_importance as importance_kernel
 from helpers import eager_prompt_attention, value_and_grads
 
@@ -219,16 +221,11 @@ SELECT_REALISTIC = [(f"{model}@{px}", (8 if N < 10000 else 2, H, N, math.floor(0
 SELECT_CASES = _cases(SELECT_ODD, SELECT_REALISTIC)
 
 
-@pytest.mark.parametrize("backend", _backends("triton", "native", "torch"))
-@pytest.mark.parametrize("ties", [False, True], ids=["distinct", "ties"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case", SELECT_CASES)
-def test_select_tokens(case, dtype, ties, backend):
+def _check_select(case, dtype, ties, select):
     """The reference's kept set (ties to the lower index), in ascending token order, rows copied
-    bit for bit, or rounded once to bfloat16."""
+    bit for bit, or rounded once to bfloat16; select(scores, k, v, n, out_dtype) -> (k_sel, v_sel)."""
     B, H, N, n = case
     d = 64
-    _skip_unless_runs(backend, "select_tokens", dtype, d)
     seed = _seed(case, str(dtype), ties)
     scores = _randn((B, H, N), torch.float32, seed)
     if ties:
@@ -243,10 +240,33 @@ def test_select_tokens(case, dtype, ties, backend):
     kept = reference.select_tokens(scores, index, index, n)[0][..., 0].long().sort(dim=-1).values
     rows = kept[..., None].expand(-1, -1, -1, d)
     for out_dtype in (None, torch.bfloat16):
-        k_sel, v_sel = ops.select_tokens(scores, k, v, n, out_dtype, backend=backend)[:2]
+        k_sel, v_sel = select(scores, k, v, n, out_dtype)[:2]
         want = out_dtype or dtype
         assert k_sel.shape == v_sel.shape == (B, H, n, d) and k_sel.dtype == v_sel.dtype == want
         assert torch.equal(k_sel, k.gather(2, rows).to(want)) and torch.equal(v_sel, v.gather(2, rows).to(want))
+
+
+@pytest.mark.parametrize("backend", _backends("triton", "native", "torch"))
+@pytest.mark.parametrize("ties", [False, True], ids=["distinct", "ties"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", SELECT_CASES)
+def test_select_tokens(case, dtype, ties, backend):
+    _skip_unless_runs(backend, "select_tokens", dtype, 64)
+    _check_select(case, dtype, ties, lambda *args: ops.select_tokens(*args, backend=backend))
+
+
+@pytest.mark.parametrize("variant", list(select_kernel.VARIANTS))
+@pytest.mark.parametrize("ties", [False, True], ids=["distinct", "ties"])
+@pytest.mark.parametrize("case", _cases(SELECT_ODD[:1], SELECT_REALISTIC, twins=1))
+def test_select_tokens_launch_variants(case, ties, variant):
+    """Every launch variant benchmarks/kernels.py times against the default (each path, the gather's
+    warps and tile) selects the same rows, so that a GPU run may make any of them the default."""
+    _skip_unless_runs("triton", "select_tokens", torch.bfloat16, 64)
+    launch = select_kernel.VARIANTS[variant]
+    def select(scores, k, v, n, out_dtype):
+        return select_kernel.select_tokens_forward(scores, k, v, n, out_dtype or k.dtype, **launch)
+
+    _check_select(case, torch.bfloat16, ties, select)
 
 
 # ------------------------------------------------------------------------------ prompt attention

@@ -2,11 +2,18 @@
 backend, against fpt_fast.reference.select_tokens; the kept indices (return_indices) of every
 backend that runs here, "native" included.
 
+The Triton tests run the kernel as fpt_fast.ops launches it ("triton": the path picked by shape)
+and with each path forced ("triton:split", "triton:rowwise", FORCED): 16-token tiles so that even
+small rows have several, and for the split path a threshold search that re-reads rows longer than
+64 tokens instead of holding them.
+
 The reference keeps descending-score order, the fast paths ascending token index, so rows are
 matched by the token index that k carries in its first two columns (j // 64, j % 64: small integers,
 exact in every float dtype). On the CPU the kernel runs under Triton's interpreter (conftest).
 """
+import functools
 import math
+from unittest import mock
 
 import pytest
 import torch
@@ -14,7 +21,15 @@ import torch
 from fpt_fast import ops, reference
 from fpt_fast.kernels import select_tokens as kernel
 
-BACKENDS = ["triton", "torch"]
+FORCED = {"triton:split": dict(path="split", block_g=16),
+          "triton:rowwise": dict(path="rowwise", block_g=16)}
+BACKENDS = ["triton", *FORCED, "torch"]
+
+
+def _cases(backends, cases, forced_too=lambda *case: True):
+    """(case..., backend) parameters; the FORCED launches only where forced_too(*case) (the
+    interpreter runs 16-token tiles slowly: the long rows are left to the default launch)."""
+    return [(*case, b) for case in cases for b in backends if b not in FORCED or forced_too(*case)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 HEAD_DIMS = [16, 32, 80, 96, 128]
 # (N, n): odd N with n in {1, N // 5, N - 1, N} where valid.
@@ -40,6 +55,15 @@ def _inputs(B, H, N, d, device, seed, *, kv_dtype=torch.float32, score_dtype=tor
     return scores.to(device, score_dtype), k.to(device, kv_dtype), v.to(device, kv_dtype)
 
 
+def select(scores, k, v, n, out_dtype=None, *, backend, return_indices=False):
+    """ops.select_tokens; a FORCED name runs the "triton" backend with that launch of the kernel."""
+    if backend not in FORCED:
+        return ops.select_tokens(scores, k, v, n, out_dtype, return_indices=return_indices, backend=backend)
+    forced = functools.partial(kernel.select_tokens_forward, **FORCED[backend])
+    with mock.patch.object(kernel, "select_tokens_forward", forced):
+        return ops.select_tokens(scores, k, v, n, out_dtype, return_indices=return_indices, backend="triton")
+
+
 def _token_index(k_sel):
     return (k_sel[..., 0].float() * 64 + k_sel[..., 1].float()).round().long()
 
@@ -50,8 +74,7 @@ def _rows(t, index):
 
 def _check(scores, k, v, n, out_dtype=None, backend="triton", result=None):
     """Runs (or takes) the fast path and checks it against the reference; returns kept indices."""
-    k_sel, v_sel = result if result is not None else ops.select_tokens(scores, k, v, n, out_dtype,
-                                                                       backend=backend)
+    k_sel, v_sel = result if result is not None else select(scores, k, v, n, out_dtype, backend=backend)
     B, H, N, d = k.shape
     dtype = out_dtype or k.dtype
     for t in (k_sel, v_sel):
@@ -68,8 +91,8 @@ def _check(scores, k, v, n, out_dtype=None, backend="triton", result=None):
 
 
 # ---------------------------------------------------------------------------------- values
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", range(len(SIZES)))
+@pytest.mark.parametrize("case, backend", _cases(BACKENDS, [(c,) for c in range(len(SIZES))],
+                                                 lambda c: SIZES[c][0] <= 257))
 def test_matches_reference(case, backend, device):
     N, n = SIZES[case]
     d = HEAD_DIMS[case % len(HEAD_DIMS)]
@@ -82,11 +105,11 @@ def test_head_dims(d, device):
     _check(*_inputs(1, 3, 257, d, device, seed=d), 51)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("score_dtype", DTYPES)
-@pytest.mark.parametrize("kv_dtype, out_dtype", [
-    (torch.float32, torch.bfloat16), (torch.float32, torch.float16), (torch.bfloat16, torch.float32),
-    (torch.float16, torch.bfloat16), (torch.bfloat16, torch.float16), (torch.float16, None)])
+@pytest.mark.parametrize("kv_dtype, out_dtype, score_dtype, backend", _cases(BACKENDS, [
+    (kv, out, score) for score in DTYPES for kv, out in [
+        (torch.float32, torch.bfloat16), (torch.float32, torch.float16), (torch.bfloat16, torch.float32),
+        (torch.float16, torch.bfloat16), (torch.bfloat16, torch.float16), (torch.float16, None)]],
+    lambda kv, out, score: score == torch.float32))
 def test_dtypes(kv_dtype, out_dtype, score_dtype, backend, device):
     exact = out_dtype == torch.bfloat16 and INTERPRETED
     inputs = _inputs(2, 2, 33, 32, device, seed=3, kv_dtype=kv_dtype, score_dtype=score_dtype, exact=exact)
@@ -101,27 +124,27 @@ def test_bf16_cast_rounds_to_nearest_even(device):
 
 
 # --------------------------------------------------------------------------------- indices
-@pytest.mark.parametrize("backend", ["triton", "native", "torch"])
-@pytest.mark.parametrize("N", [1, 7, 33, 65])
+@pytest.mark.parametrize("N, backend", _cases(["triton", *FORCED, "native", "torch"], [(1,), (7,), (33,), (65,)],
+                                              lambda N: N in (7, 33)))
 def test_indices_every_n(N, backend, device):
     """return_indices: the kept token indices (B, H, n) int64 in ascending order, the same set as the
     reference's (which lists them by descending score), naming exactly the rows gathered; and the
     rows are those of the call without indices. One row with heavy ties, one with distinct scores."""
-    reasons = ops.unsupported_reasons(backend, "select_tokens", device)
+    reasons = ops.unsupported_reasons(backend.split(":")[0], "select_tokens", device)
     if reasons:
         pytest.skip("; ".join(reasons))
     g = torch.Generator().manual_seed(N)
     scores = torch.stack([torch.randint(0, 3, (N,), generator=g).float(), torch.randn(N, generator=g)])[None]
     inputs = _inputs(1, 2, N, 16, device, seed=N, scores=scores)
     for n in range(1, N + 1):
-        k_sel, v_sel, index = ops.select_tokens(*inputs, n, return_indices=True, backend=backend)
+        k_sel, v_sel, index = select(*inputs, n, return_indices=True, backend=backend)
         assert index.dtype == torch.int64 and index.shape == (1, 2, n) and index.device == k_sel.device
         assert torch.equal(index, _check(*inputs, n, result=(k_sel, v_sel)))
         k_ref, _, ref_index = reference.select_tokens(*inputs, n, return_indices=True)
         assert torch.equal(ref_index, _token_index(k_ref))
         assert torch.equal(index, ref_index.sort(dim=-1).values)
         if n in (1, N // 2 + 1, N):
-            plain = ops.select_tokens(*inputs, n, backend=backend)
+            plain = select(*inputs, n, backend=backend)
             assert len(plain) == 2 and torch.equal(plain[0], k_sel) and torch.equal(plain[1], v_sel)
 
 
@@ -140,9 +163,8 @@ def test_index_outputs_trace_with_fake_tensors():
 
 
 # ------------------------------------------------------------------------------------ ties
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("score_dtype", DTYPES)
-@pytest.mark.parametrize("N, n", [(257, 51), (1100, 220)])
+@pytest.mark.parametrize("N, n, score_dtype, backend", _cases(
+    BACKENDS, [(N, n, dtype) for N, n in [(257, 51), (1100, 220)] for dtype in DTYPES], lambda N, n, dtype: N == 257))
 def test_heavy_ties(N, n, score_dtype, backend, device):
     g = torch.Generator().manual_seed(N)
     scores = torch.randint(0, 3, (1, 2, N), generator=g).float()
@@ -203,14 +225,15 @@ def test_nan_ranks_above_everything(device, backend):
             assert index.flatten().tolist() == [1, 6][:n]
 
 
-def test_nan_sign_is_ignored(device):
+@pytest.mark.parametrize("backend", ["triton", *FORCED])
+def test_nan_sign_is_ignored(backend, device):
     # A NaN with its sign bit set (x86's default NaN) ranks like any NaN. Not compared with the
     # reference: torch.sort orders such NaNs differently on the CPU and on CUDA.
     scores = torch.tensor([[[1.0, math.nan, 3.0, -math.nan, math.inf, 2.0]]])
     assert scores.view(torch.int32)[0, 0, 3] < 0
     scores, k, v = _inputs(1, 1, 6, 16, device, seed=0, scores=scores)
     for n, expected in [(1, [1]), (2, [1, 3]), (3, [1, 3, 4]), (4, [1, 2, 3, 4])]:
-        k_sel, v_sel = ops.select_tokens(scores, k, v, n, backend="triton")
+        k_sel, v_sel = select(scores, k, v, n, backend=backend)
         assert _token_index(k_sel).flatten().tolist() == expected
 
 
@@ -229,20 +252,70 @@ def test_non_contiguous_inputs(backend, device):
     _check(scores, k, v, 51, backend=backend)
 
 
-@pytest.mark.parametrize("N, n, ties, block_n, block_g", [
-    (257, 51, False, 16, 16), (257, 256, True, 16, 32), (257, 1, True, 64, 16),
-    (1100, 220, True, 256, 32), (1100, 220, False, 512, 64), (1100, 1100, True, 128, 256)])
-def test_chunked_path(N, n, ties, block_n, block_g, device):
-    """The multi-chunk threshold search and small gather chunks, forced through the launcher; the
-    indices written chunk by chunk name the gathered rows."""
+# Launches of the kernel with small tiles: held threshold blocks (A, and B when the chunks are not a
+# power of two) and the re-reading search, in both paths; the VARIANTS the GPU benchmark times.
+LAUNCHES = [
+    (257, 51, False, dict(path="split", block_g=16, max_resident=16)),      # re-read, 1-chunk blocks
+    (257, 256, True, dict(path="split", block_g=32)),                        # held: 8 + 1 chunks
+    (257, 1, True, dict(path="rowwise", block_g=16, max_resident=32)),       # re-read, 2-chunk blocks
+    (1100, 220, True, dict(path="split", block_g=64, max_resident=256)),
+    (1100, 220, False, dict(path="rowwise", block_g=64)),                    # held: 16 + 2 chunks
+    (1100, 1100, True, dict(path="split", block_g=256)),
+    (300, 60, True, dict(path="split", block_g=16, gather_warps=2)),
+] + [(300, 60, True, launch) for launch in kernel.VARIANTS.values()]
+
+
+@pytest.mark.parametrize("N, n, ties, launch", LAUNCHES)
+def test_launches(N, n, ties, launch, device):
+    """Each path and launch override through the launcher, k and v with unusual strides; the indices
+    written tile by tile name the gathered rows."""
     g = torch.Generator().manual_seed(N + n)
     scores = torch.randint(0, 3, (1, 2, N), generator=g).float() if ties else None
     scores, k, v = _inputs(1, 2, N, 16, device, seed=8, scores=scores)
     k = k.transpose(2, 3).contiguous().transpose(2, 3)              # token stride 1, column stride N
     v = torch.cat([v, -v], dim=-1)[..., ::2]                         # column stride 2
     k_sel, v_sel, index = kernel.select_tokens_forward(scores, k, v, n, torch.float32, return_indices=True,
-                                                       block_n=block_n, block_g=block_g)
+                                                       **launch)
     assert torch.equal(index, _check(scores, k, v, n, result=(k_sel, v_sel)))
+
+
+@pytest.mark.parametrize("N", [1, 2, 15, 16, 17, 128, 129, 1025, 4097, 16385, 32768, 32769, 65537])
+@pytest.mark.parametrize("d", [16, 64, 128])
+def test_layout_covers_the_row(N, d):
+    """Held blocks: a power of two of chunks, then fewer (a power of two, or none), covering the row
+    within MAX_RESIDENT slots; rows that do not fit are re-read in blocks of at most REREAD_TOKENS."""
+    lay = kernel.layout(N, d)
+    assert lay.chunks * lay.chunk >= N > (lay.chunks - 1) * lay.chunk
+    assert lay.chunks_a & (lay.chunks_a - 1) == 0 and lay.chunks_b & (lay.chunks_b - 1) == 0
+    if N <= kernel.MAX_RESIDENT // 2:
+        assert lay.resident
+    if lay.resident:
+        assert lay.chunks_a <= lay.chunks <= lay.chunks_a + lay.chunks_b and lay.chunks_b < lay.chunks_a
+        assert (lay.chunks_a + lay.chunks_b) * lay.chunk <= kernel.MAX_RESIDENT
+    else:
+        assert lay.chunks_b == 0 and lay.chunks_a * lay.chunk <= kernel.REREAD_TOKENS
+    assert 4 <= lay.threshold_warps <= 16 and lay.threshold_warps * 32 * lay.threshold_registers <= 65536
+
+
+# Subnormals are left to test_extreme_values_every_n (float32 scores): Triton 3.8's interpreter turns
+# bfloat16 subnormals into zeros when it widens them to float32 (a GPU shifts the bits, exactly).
+SPECIAL = [math.nan, math.inf, -math.inf, -0.0, 0.0, 1.0, -1.0, 3e38, -1e-30]
+
+
+@pytest.mark.parametrize("N, backend", [(N, b) for N in (1, 7, 33, 65, 300) for b in ("triton", *FORCED)
+                                        if N < 300 or b != "triton:rowwise"])
+def test_odd_sizes_and_special_values(N, backend, device):
+    """Rows mixing NaN, +-inf, -0.0 and +0.0, ties and random values; n = 1, N and sampled between;
+    every score dtype and every output dtype (k, v of another dtype)."""
+    g = torch.Generator().manual_seed(N)
+    special = torch.tensor(SPECIAL)[torch.randint(0, len(SPECIAL), (2, 2, N), generator=g)]
+    scores = torch.where(torch.rand(2, 2, N, generator=g) < 0.5, special, torch.randn(2, 2, N, generator=g))
+    ns = sorted({1, N, *torch.randint(1, N + 1, (2,), generator=g).tolist()})
+    for i, n in enumerate(ns):
+        score_dtype, kv_dtype, out_dtype = DTYPES[i % 3], DTYPES[(i + 1) % 3], DTYPES[(i + 2) % 3]
+        inputs = _inputs(2, 2, N, 16, device, seed=i, scores=scores, score_dtype=score_dtype,
+                         kv_dtype=kv_dtype, exact=True)
+        _check(*inputs, n, out_dtype, backend=backend)
 
 
 def test_deterministic(device):
@@ -282,7 +355,7 @@ def _bad_cases(device):
     ]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_bad_inputs_raise_before_launch(backend, device, monkeypatch):
     launches = []
     monkeypatch.setattr(kernel, "select_tokens_forward", lambda *a, **kw: launches.append(a))
@@ -296,11 +369,12 @@ def test_bad_inputs_raise_before_launch(backend, device, monkeypatch):
 @pytest.mark.cuda
 @pytest.mark.parametrize("B, N", [(32, 1025), (32, 4097), (2, 16385)])
 @pytest.mark.parametrize("score_dtype", [torch.float32, torch.bfloat16])
-def test_realistic_sizes_cuda(B, N, score_dtype):
+@pytest.mark.parametrize("path", kernel.PATHS)
+def test_realistic_sizes_cuda(B, N, score_dtype, path):
     H, d = 12, 64
     n = math.floor(0.2 * N)
     scores, k, v = _inputs(B, H, N, d, "cuda", seed=N, kv_dtype=torch.bfloat16, score_dtype=score_dtype)
-    fast = ops.select_tokens(scores, k, v, n, torch.bfloat16, backend="triton")
+    fast = kernel.select_tokens_forward(scores, k, v, n, torch.bfloat16, path=path)
     slow = ops.select_tokens(scores, k, v, n, torch.bfloat16, backend="torch")
     assert torch.equal(fast[0], slow[0]) and torch.equal(fast[1], slow[1])
     _check(scores, k, v, n, torch.bfloat16, result=fast)
