@@ -158,10 +158,6 @@ def _architecture_filter(state: Dict[str, Tensor], model: nn.Module) -> Dict[str
     return dict(convert(state, model)) if convert is not None else state
 
 
-def _unused(key: str) -> bool:
-    return key.startswith(UNUSED_PARTS)
-
-
 def load_backbone_weights(model: nn.Module, state: Dict[str, Tensor], what: str) -> None:
     """Loads a backbone state (backbone_state) into model, the backbone FPT runs (possibly pruned
     by prune_intermediate_layers), through timm's architecture filter. ValueError naming the
