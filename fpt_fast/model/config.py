@@ -28,9 +28,10 @@ HF_LAYER_NORM_EPS = 1e-12
 OFFICIAL_BACKBONE = "vit_base_patch16_384.orig_in21k_ft_in1k"
 
 
-def _pair(size: Size) -> Tuple[int, int]:
+def size_pair(size: Size) -> Tuple[int, int]:
+    """(height, width) of a size given as one integer (square) or two."""
     if isinstance(size, int):
-        return (size, size)
+        return (int(size), int(size))
     return (int(size[0]), int(size[1]))
 
 
@@ -164,8 +165,8 @@ class FPTConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"FPTConfig.{name}={getattr(self, name)!r} is invalid: expected True or False")
         self._backbone_info = read_backbone_info(self.backbone, self.backbone_kwargs)
-        self.image_size = _pair(self.image_size)
-        self.side_input_size = _pair(self.side_input_size)
+        self.image_size = size_pair(self.image_size)
+        self.side_input_size = size_pair(self.side_input_size)
         if self.extracted_layers is not None:
             self.extracted_layers = tuple(int(i) for i in self.extracted_layers)
         try:  # the former attention-backend names become the backends that run the same
