@@ -303,7 +303,8 @@ class BackboneInfo:
 
     embed_dim D, num_heads H, head_dim d (H * d == D), depth, patch_size (ph, pw),
     num_prefix_tokens (class token + register tokens, before the patches), has_class_token,
-    num_register_tokens, rotary (rotary position embeddings in the attention), stored_grid (the
+    num_register_tokens, rotary (rotary position embeddings in the attention), abs_pos_embed
+    (absolute position embeddings added to the tokens; Eva models may have both), stored_grid (the
     patch grid the model is built at by default), mlp_width (the widths of an MLP's inner
     activations together), num_parameters, architecture (timm class name).
     """
@@ -319,6 +320,7 @@ class BackboneInfo:
     has_class_token: bool
     num_register_tokens: int
     rotary: bool
+    abs_pos_embed: bool
     stored_grid: Tuple[int, int]
     mlp_width: int
     num_parameters: int
@@ -364,6 +366,7 @@ def _read_backbone_info(name: str, kwargs_json: str) -> BackboneInfo:
         num_register_tokens=int(getattr(model, "reg_token", None).shape[1])
         if getattr(model, "reg_token", None) is not None else 0,
         rotary=getattr(model, "rope", None) is not None,
+        abs_pos_embed=getattr(model, "pos_embed", None) is not None,
         stored_grid=tuple(int(g) for g in model.patch_embed.grid_size),
         mlp_width=sum(int(m.out_features) for m in linears[:-1]),
         num_parameters=sum(p.numel() for p in model.parameters()),

@@ -77,10 +77,9 @@ def create_backbone(config: FPTConfig) -> nn.Module:
         state, what = published_weights(config.backbone)
     kwargs = dict(num_classes=0)
     if state is not None and "img_size" not in config.backbone_kwargs:
-        with torch.device("meta"):
-            probe = create_timm_model(config.backbone, config.backbone_kwargs, **kwargs)
-        ph, pw = config.backbone_info.patch_size
-        grid = stored_grid(state, probe, (config.image_size[0] // ph, config.image_size[1] // pw), what)
+        info = config.backbone_info  # the same model's shape, read on the meta device
+        ph, pw = info.patch_size
+        grid = stored_grid(state, info, (config.image_size[0] // ph, config.image_size[1] // pw), what)
         if grid is not None:
             kwargs["img_size"] = (grid[0] * ph, grid[1] * pw)
     # Weights timm publishes only at a URL: timm downloads and loads them itself.
