@@ -353,6 +353,7 @@ def _read_backbone_info(name: str, kwargs_json: str) -> BackboneInfo:
     block = model.blocks[0]
     patch = model.patch_embed.patch_size
     linears = [m for m in block.mlp.modules() if isinstance(m, nn.Linear)]
+    reg_token = getattr(model, "reg_token", None)  # (1, registers, D), or None without registers
     return BackboneInfo(
         name=name,
         architecture=type(model).__name__,
@@ -363,8 +364,7 @@ def _read_backbone_info(name: str, kwargs_json: str) -> BackboneInfo:
         patch_size=(int(patch[0]), int(patch[1])),
         num_prefix_tokens=int(model.num_prefix_tokens),
         has_class_token=getattr(model, "cls_token", None) is not None,
-        num_register_tokens=int(getattr(model, "reg_token", None).shape[1])
-        if getattr(model, "reg_token", None) is not None else 0,
+        num_register_tokens=0 if reg_token is None else int(reg_token.shape[1]),
         rotary=getattr(model, "rope", None) is not None,
         abs_pos_embed=getattr(model, "pos_embed", None) is not None,
         stored_grid=tuple(int(g) for g in model.patch_embed.grid_size),
