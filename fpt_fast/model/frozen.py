@@ -32,6 +32,7 @@ from .backbone_weights import backbone_state, load_backbone_weights, published_w
 from .backbones import create_timm_model
 from .config import DTYPES, POS_EMBED_RESAMPLING, FPTConfig, num_selected_tokens
 
+
 class FrozenFeatures(NamedTuple):
     """Selected keys and values of the extracted layers, each (L, B, H, n, d)."""
 
