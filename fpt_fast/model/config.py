@@ -210,13 +210,17 @@ class FPTConfig:
 
     @property
     def side_dim(self) -> int:
+        """Ds: the side network's width, backbone width / side_reduction_ratio."""
         return self._backbone_info.embed_dim // self.side_reduction_ratio
 
     @property
     def prompt_dim(self) -> int:
+        """dp: the prompts' width, backbone width / prompt_reduction_ratio."""
         return self._backbone_info.embed_dim // self.prompt_reduction_ratio
 
     def to_dict(self) -> dict:
+        """The constructor arguments as JSON values (sizes and layers as lists): FPTConfig(**to_dict())
+        is an equal config."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
         d["backbone_kwargs"] = dict(self.backbone_kwargs)
         d["image_size"] = list(self.image_size)

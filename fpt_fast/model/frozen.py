@@ -190,6 +190,7 @@ class FrozenBranch(nn.Module):
         return super().train(False)
 
     def compute_dtype(self, device: torch.device) -> torch.dtype:
+        """The dtype the frozen blocks compute in on device (frozen_compute_dtype of config.frozen_dtype)."""
         return frozen_compute_dtype(self.config.frozen_dtype, device)
 
     @torch.no_grad()
