@@ -12,5 +12,4 @@ from .preprocessing import FPTTransforms
 from .side import SideViT
 
 __all__ = ["FPT", "FPTConfig", "FPTTransforms", "FeaturesWithScores", "FineGrainedFusion", "FrozenBranch",
-           "FrozenFeatures",
-           "LearnableBranch", "SideViT", "load_official_checkpoint", "resize_images"]
+           "FrozenFeatures", "LearnableBranch", "SideViT", "load_official_checkpoint", "resize_images"]

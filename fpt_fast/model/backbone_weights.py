@@ -34,7 +34,7 @@ from typing import Dict, Iterable, Mapping, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .backbones import HUB_WEIGHT_FILES, hub_file, resolve_backbone_name
+from .backbones import HUB_WEIGHT_FILES, BackboneInfo, hub_file, resolve_backbone_name
 
 CONTAINERS = ("teacher", "model", "state_dict", "module")
 PATCH_EMBED = "patch_embed.proj.weight"
@@ -133,19 +133,20 @@ def published_weights(name: str) -> Tuple[Optional[Dict[str, Tensor]], str]:
     return backbone_state(read_weights_file(path, what), what), what
 
 
-def stored_grid(state: Mapping[str, Tensor], model: nn.Module, image_grid: Tuple[int, int],
+def stored_grid(state: Mapping[str, Tensor], info: BackboneInfo, image_grid: Tuple[int, int],
                 what: str) -> Optional[Tuple[int, int]]:
-    """The patch grid of the position embeddings in a backbone state (backbone_state); None when
-    it has none (or the model has none). A grid fits when the stored tokens are its patches plus 0,
-    1 (a class token) or the model's prefix tokens; the candidates are the model's default grid,
+    """The patch grid of the position embeddings in a backbone state (backbone_state) for the
+    backbone described by info; None when the state has none (or the backbone has no absolute
+    position embeddings). A grid fits when the stored tokens are its patches plus 0, 1 (a class
+    token) or the backbone's prefix tokens; the candidates are its default grid (info.stored_grid),
     image_grid and the square grid. ValueError naming the file when none fits."""
     pos_embed = state.get("pos_embed")
-    if pos_embed is None or pos_embed.dim() != 3 or getattr(model, "pos_embed", None) is None:
+    if pos_embed is None or pos_embed.dim() != 3 or not info.abs_pos_embed:
         return None
     tokens = int(pos_embed.shape[1])
-    for extra in sorted({0, 1, int(model.num_prefix_tokens)}):
+    for extra in sorted({0, 1, info.num_prefix_tokens}):
         side = int(max(tokens - extra, 0) ** 0.5)
-        for grid in (tuple(int(g) for g in model.patch_embed.grid_size), tuple(image_grid), (side, side)):
+        for grid in (info.stored_grid, tuple(image_grid), (side, side)):
             if grid[0] * grid[1] == tokens - extra and grid[0] > 0:
                 return grid
     raise ValueError(f"{what}: its position embeddings ({tokens} tokens) fit no patch grid of the backbone; set "
@@ -156,10 +157,6 @@ def _architecture_filter(state: Dict[str, Tensor], model: nn.Module) -> Dict[str
     """timm's own checkpoint filter of the model's module, where it has one."""
     convert = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
     return dict(convert(state, model)) if convert is not None else state
-
-
-def _unused(key: str) -> bool:
-    return key.startswith(UNUSED_PARTS)
 
 
 def load_backbone_weights(model: nn.Module, state: Dict[str, Tensor], what: str) -> None:

@@ -303,7 +303,8 @@ class BackboneInfo:
 
     embed_dim D, num_heads H, head_dim d (H * d == D), depth, patch_size (ph, pw),
     num_prefix_tokens (class token + register tokens, before the patches), has_class_token,
-    num_register_tokens, rotary (rotary position embeddings in the attention), stored_grid (the
+    num_register_tokens, rotary (rotary position embeddings in the attention), abs_pos_embed
+    (absolute position embeddings added to the tokens; Eva models may have both), stored_grid (the
     patch grid the model is built at by default), mlp_width (the widths of an MLP's inner
     activations together), num_parameters, architecture (timm class name).
     """
@@ -319,6 +320,7 @@ class BackboneInfo:
     has_class_token: bool
     num_register_tokens: int
     rotary: bool
+    abs_pos_embed: bool
     stored_grid: Tuple[int, int]
     mlp_width: int
     num_parameters: int
@@ -351,6 +353,7 @@ def _read_backbone_info(name: str, kwargs_json: str) -> BackboneInfo:
     block = model.blocks[0]
     patch = model.patch_embed.patch_size
     linears = [m for m in block.mlp.modules() if isinstance(m, nn.Linear)]
+    reg_token = getattr(model, "reg_token", None)  # (1, registers, D), or None without registers
     return BackboneInfo(
         name=name,
         architecture=type(model).__name__,
@@ -361,9 +364,9 @@ def _read_backbone_info(name: str, kwargs_json: str) -> BackboneInfo:
         patch_size=(int(patch[0]), int(patch[1])),
         num_prefix_tokens=int(model.num_prefix_tokens),
         has_class_token=getattr(model, "cls_token", None) is not None,
-        num_register_tokens=int(getattr(model, "reg_token", None).shape[1])
-        if getattr(model, "reg_token", None) is not None else 0,
+        num_register_tokens=0 if reg_token is None else int(reg_token.shape[1]),
         rotary=getattr(model, "rope", None) is not None,
+        abs_pos_embed=getattr(model, "pos_embed", None) is not None,
         stored_grid=tuple(int(g) for g in model.patch_embed.grid_size),
         mlp_width=sum(int(m.out_features) for m in linears[:-1]),
         num_parameters=sum(p.numel() for p in model.parameters()),

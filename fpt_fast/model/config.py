@@ -28,9 +28,10 @@ HF_LAYER_NORM_EPS = 1e-12
 OFFICIAL_BACKBONE = "vit_base_patch16_384.orig_in21k_ft_in1k"
 
 
-def _pair(size: Size) -> Tuple[int, int]:
+def size_pair(size: Size) -> Tuple[int, int]:
+    """(height, width) of a size given as one integer (square) or two."""
     if isinstance(size, int):
-        return (size, size)
+        return (int(size), int(size))
     return (int(size[0]), int(size[1]))
 
 
@@ -164,8 +165,8 @@ class FPTConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"FPTConfig.{name}={getattr(self, name)!r} is invalid: expected True or False")
         self._backbone_info = read_backbone_info(self.backbone, self.backbone_kwargs)
-        self.image_size = _pair(self.image_size)
-        self.side_input_size = _pair(self.side_input_size)
+        self.image_size = size_pair(self.image_size)
+        self.side_input_size = size_pair(self.side_input_size)
         if self.extracted_layers is not None:
             self.extracted_layers = tuple(int(i) for i in self.extracted_layers)
         try:  # the former attention-backend names become the backends that run the same
@@ -209,13 +210,17 @@ class FPTConfig:
 
     @property
     def side_dim(self) -> int:
+        """Ds: the side network's width, backbone width / side_reduction_ratio."""
         return self._backbone_info.embed_dim // self.side_reduction_ratio
 
     @property
     def prompt_dim(self) -> int:
+        """dp: the prompts' width, backbone width / prompt_reduction_ratio."""
         return self._backbone_info.embed_dim // self.prompt_reduction_ratio
 
     def to_dict(self) -> dict:
+        """The constructor arguments as JSON values (sizes and layers as lists): FPTConfig(**to_dict())
+        is an equal config."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
         d["backbone_kwargs"] = dict(self.backbone_kwargs)
         d["image_size"] = list(self.image_size)

@@ -13,6 +13,7 @@ from .frozen import FeaturesWithScores, FrozenBranch, FrozenFeatures
 from .fusion import FineGrainedFusion
 from .side import SideViT
 
+
 def resize_images(images: Tensor, size: Tuple[int, int]) -> Tensor:
     """Bilinear antialiased resize of (C, H, W) or (B, C, H, W) images to size (h, w). FPT makes the
     side input from the frozen one this way when no side input is given."""

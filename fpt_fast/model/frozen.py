@@ -32,6 +32,7 @@ from .backbone_weights import backbone_state, load_backbone_weights, published_w
 from .backbones import create_timm_model
 from .config import DTYPES, POS_EMBED_RESAMPLING, FPTConfig, num_selected_tokens
 
+
 class FrozenFeatures(NamedTuple):
     """Selected keys and values of the extracted layers, each (L, B, H, n, d)."""
 
@@ -77,10 +78,9 @@ def create_backbone(config: FPTConfig) -> nn.Module:
         state, what = published_weights(config.backbone)
     kwargs = dict(num_classes=0)
     if state is not None and "img_size" not in config.backbone_kwargs:
-        with torch.device("meta"):
-            probe = create_timm_model(config.backbone, config.backbone_kwargs, **kwargs)
-        ph, pw = config.backbone_info.patch_size
-        grid = stored_grid(state, probe, (config.image_size[0] // ph, config.image_size[1] // pw), what)
+        info = config.backbone_info  # the same model's shape, read on the meta device
+        ph, pw = info.patch_size
+        grid = stored_grid(state, info, (config.image_size[0] // ph, config.image_size[1] // pw), what)
         if grid is not None:
             kwargs["img_size"] = (grid[0] * ph, grid[1] * pw)
     # Weights timm publishes only at a URL: timm downloads and loads them itself.
@@ -190,6 +190,7 @@ class FrozenBranch(nn.Module):
         return super().train(False)
 
     def compute_dtype(self, device: torch.device) -> torch.dtype:
+        """The dtype the frozen blocks compute in on device (frozen_compute_dtype of config.frozen_dtype)."""
         return frozen_compute_dtype(self.config.frozen_dtype, device)
 
     @torch.no_grad()

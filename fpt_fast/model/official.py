@@ -41,6 +41,7 @@ from typing import Dict, Mapping, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from .backbone_weights import read_weights_file
 from .config import HF_LAYER_NORM_EPS, FPTConfig
 from .fpt import FPT
 
@@ -69,20 +70,13 @@ QKV = ("query", "key", "value")
 
 
 def _read(source: Union[str, Path, Mapping[str, Tensor]]) -> Dict[str, Tensor]:
+    """The official state_dict of a mapping or a file (read_weights_file: a file that is not one of
+    weights is a ValueError naming it), unwrapped from a "state_dict" entry where it has one."""
     if isinstance(source, Mapping):
         return dict(source)
-    path = Path(source)
-    if not path.is_file():
-        raise FileNotFoundError(f"official checkpoint {str(path)!r} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+    state = read_weights_file(source, "official checkpoint")
+    if isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise ValueError(f"official checkpoint {str(path)!r} holds a {type(state).__name__}, not a state_dict")
     return state
 
 

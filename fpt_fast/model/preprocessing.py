@@ -30,7 +30,7 @@ from torch import Tensor
 from torchvision import transforms as T
 from torchvision.transforms.v2 import functional as tv_functional
 
-from .config import FPTConfig
+from .config import FPTConfig, size_pair
 
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 # How FrozenTransform resizes, in the words the feature store's fingerprint records.
@@ -63,14 +63,10 @@ def _channel_values(values: Sequence[float], name: str) -> Tuple[float, float, f
     return tuple(values)
 
 
-def _size(size) -> Tuple[int, int]:
-    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
-
-
 def resize_to_tensor(image: Image.Image, size: Tuple[int, int]) -> Tensor:
     """The image (any mode, made 8-bit RGB) resized to size (h, w) with PIL's bilinear filter on the
     uint8 pixels, as float32 (3, h, w) in [0, 1]: the frozen input before normalisation."""
-    return T.functional.to_tensor(T.functional.resize(as_rgb8(image), list(_size(size))))
+    return T.functional.to_tensor(T.functional.resize(as_rgb8(image), list(size_pair(size))))
 
 
 class FrozenTransform:
@@ -78,7 +74,7 @@ class FrozenTransform:
     Returns float32 (3, h, w)."""
 
     def __init__(self, size, mean: Sequence[float], std: Sequence[float]):
-        self.size = _size(size)
+        self.size = size_pair(size)
         self.mean, self.std = _channel_values(mean, "mean"), _channel_values(std, "std")
         if min(self.std) <= 0:
             raise ValueError(f"std must be positive, got {list(self.std)}")
@@ -105,7 +101,7 @@ class SideTransform:
                  hflip_prob: float = 0.5, brightness: float = 0.2, contrast: float = 0.2,
                  saturation: float = 0.0, hue: float = 0.0, crop_scale: Sequence[float] = (0.8, 1.0),
                  crop_ratio: Sequence[float] = (0.7, 1.3)):
-        self.size = _size(size)
+        self.size = size_pair(size)
         self.train = train
         normalise = FrozenTransform(self.size, mean, std).normalize
         crop_scale, crop_ratio = tuple(crop_scale), tuple(crop_ratio)

@@ -122,7 +122,7 @@ def fusion_forward(fusion, keys: Tensor, values: Tensor) -> Tensor:
 
 
 def _side_block(block, x: Tensor) -> Tensor:
-    """A pre-norm ViT block written out: x + attn(norm1(x)); x + mlp(norm2(x))."""
+    """A pre-norm ViT block written out: x + attn(norm1(x)); x + mlp(norm2(x)). x: (B, T, C) -> (B, T, C)."""
     attn = block.attn
     B, T, C = x.shape
     H = attn.num_heads
@@ -139,7 +139,8 @@ def _side_block(block, x: Tensor) -> Tensor:
 
 def side_forward(side, x_lo: Tensor, prompts: Tensor) -> Tensor:
     """The side network (docs/method.md, section 5): prompts appended after the image tokens, dropped after
-    each block. side: an fpt_fast.SideViT. x_lo: (B, 3, h, w); prompts: (L, B, P, Ds). Returns logits."""
+    each block. side: an fpt_fast.SideViT. x_lo: (B, 3, h, w); prompts: (L, B, P, Ds). Returns logits
+    (B, num_classes)."""
     from timm.layers import resample_abs_pos_embed
 
     x = side.patch_embed(x_lo)                                       # (B, gh, gw, Ds) or (B, T, Ds)
@@ -160,7 +161,8 @@ def side_forward(side, x_lo: Tensor, prompts: Tensor) -> Tensor:
 
 
 def fpt_forward(model, x_hi: Tensor, x_lo: Optional[Tensor] = None) -> Tensor:
-    """The whole FPT forward with reference parts, on an fpt_fast.FPT's weights. Returns logits."""
+    """The whole FPT forward with reference parts, on an fpt_fast.FPT's weights. x_hi (B, 3, *image_size),
+    x_lo (B, 3, h, w) or None (x_hi resized, as FPT.forward does). Returns logits (B, num_classes)."""
     cfg = model.config
     if x_lo is None:
         x_lo = resize_images(x_hi, cfg.side_input_size)

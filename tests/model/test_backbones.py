@@ -35,6 +35,9 @@ FAMILIES = {
                                                 global_pool="avg")),
 }
 PREFIX_TOKENS = {"vit_registers_swiglu": 5, "dinov3": 5, "eva02": 1, "no_class_token": 0}
+# (rotary, absolute) position embeddings of each family.
+POSITION_EMBEDDINGS = {"vit_registers_swiglu": (False, True), "dinov3": (True, False), "eva02": (True, True),
+                       "no_class_token": (False, True)}
 
 
 def family_config(family, **overrides):
@@ -56,6 +59,7 @@ def randomize(module, seed=0):
 def test_extraction_matches_the_reference(family, backend):
     cfg = family_config(family, backend=backend)
     assert cfg.backbone_info.num_prefix_tokens == PREFIX_TOKENS[family]
+    assert (cfg.backbone_info.rotary, cfg.backbone_info.abs_pos_embed) == POSITION_EMBEDDINGS[family]
     torch.manual_seed(0)
     frozen = randomize(FrozenBranch(cfg))
     x = torch.randn(2, 3, *cfg.image_size)

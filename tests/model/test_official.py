@@ -129,3 +129,15 @@ def test_mismatches_are_named():
         load_official_checkpoint(official, tiny_config("fpt+", num_classes=5))
     with pytest.raises(FileNotFoundError, match="nowhere.pth"):
         load_official_checkpoint("nowhere.pth", model.config)
+
+
+def test_files_that_are_not_checkpoints_are_named(tmp_path):
+    config = trained_like("fpt+").config
+    (tmp_path / "cut.pth").write_bytes(b"PK\x03\x04 cut short")
+    (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 16)
+    torch.save([torch.zeros(3)], tmp_path / "list.pth")
+    for name, message in [("cut.pth", "cannot be read as a checkpoint of weights"),
+                          ("bad.safetensors", "cannot be read as a safetensors file"),
+                          ("list.pth", "holds a list, not a dict of weights")]:
+        with pytest.raises(ValueError, match=f"official checkpoint '.*{name}' {message}"):
+            load_official_checkpoint(tmp_path / name, config)
