@@ -280,7 +280,7 @@ class Trainer:
         data, opts = self.settings.data, self.settings.train
         transform = frozen_transform(self.settings, self.model)
         if store is not None:
-            check_store(store, self.settings, self.model)
+            check_store(store, self.settings, self.model, self.backbone_digest)
 
         def dataset(split: ImageFolderSplit, train_mode: bool) -> FPTDataset:
             side = side_transform(data, self.model.config.side_input_size, train=train_mode)
