@@ -488,7 +488,6 @@ class StoreWriter:
 
     def __init__(self, path: Union[str, Path], run_fingerprint: dict, feature_shape: Sequence[int],
                  classes: Sequence[str], shard_mb: float, holds_lock: bool = True):
-        self.fingerprint = run_fingerprint
         self.fingerprint_sha256 = fingerprint_digest(run_fingerprint)
         self.feature_shape = tuple(int(s) for s in feature_shape)
         self.dtype = run_fingerprint["stored_dtype"]
