@@ -41,20 +41,24 @@ COLUMNS = [("op", "<8", lambda r: r["op"]), ("backend", "<8", lambda r: r["provi
            ("spread", ">7", lambda r: common.fmt(r.get("spread_pct"), ".1f") + "%")]
 
 
-def interleaved_ms(plain: Callable, scored: Callable, reps: int) -> Tuple[List[float], List[float]]:
-    """Times of reps calls of each, alternating, after one untimed call of each."""
+def interleaved_ms(plain: Callable, scored: Callable, reps: int, device) -> Tuple[List[float], List[float]]:
+    """Times of reps calls of each, alternating, after one untimed call of each. The device is
+    synchronised before and after every call: a CUDA call returns once its kernels are queued, so
+    the host clock alone would time the launches, not the work."""
     plain(), scored()
     times = ([], [])
     for _ in range(reps):
         for fn, out in ((plain, times[0]), (scored, times[1])):
+            common.sync(device)
             t0 = time.perf_counter()
             fn()
+            common.sync(device)
             out.append((time.perf_counter() - t0) * 1e3)
     return times
 
 
 def pair_row(op: str, backend: str, shape: str, device, plain: Callable, scored: Callable, reps: int) -> dict:
-    plain_ms, scored_ms = interleaved_ms(plain, scored, reps)
+    plain_ms, scored_ms = interleaved_ms(plain, scored, reps, device)
     ratios = [s / p - 1 for p, s in zip(plain_ms, scored_ms)]
     quartiles = statistics.quantiles(ratios, n=4)
     return common.row(op, backend, "forward", shape, torch.float32, common.device_label(device),

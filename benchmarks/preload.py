@@ -125,10 +125,20 @@ def bench_resolution(args, res: int, root: Path, device, budget, gen, label: str
                   source=f"{args.source_size[0]}x{args.source_size[1]}", images=args.images)
     rows = []
 
-    def row(mode, provider, dtype="float32"):
+    def measure(mode, provider, *measurements, dtype="float32", reason=None) -> None:
+        """A row with the fields of each measurement in turn (callables returning dicts), or
+        skipped (reason, or the budget spent), or failed (the fields measured before stay)."""
         r = common.row("preload", provider, mode, shape, dtype, label, params=params)
         rows.append(r)
-        return r
+        reason = reason or (budget.reason if budget.expired() else None)
+        if reason is not None:
+            r.update(status="skipped", reason=reason)
+            return
+        try:
+            for measurement in measurements:
+                r.update(measurement())
+        except Exception as exc:
+            r.update(common.failure_fields(exc))
 
     split = ImageFolderSplit(root, "train")
     transform = FrozenTransform((res, res), IMAGENET_MEAN, IMAGENET_STD)
@@ -137,43 +147,28 @@ def bench_resolution(args, res: int, root: Path, device, budget, gen, label: str
     def loader():
         return make_loader(dataset, args.batch, args.workers, torch.device(device))
 
-    r = row("decode", "pil_loader")
-    if budget.expired():
-        r.update(status="skipped", reason=budget.reason)
-    else:
-        try:
-            r.update(steady_rate(loader(), lambda b: len(b["label"]), "cpu"))
-        except Exception as exc:
-            r.update(common.failure_fields(exc))
+    def count(batch):
+        return len(batch["label"])
+
+    measure("decode", "pil_loader", lambda: steady_rate(loader(), count, "cpu"))
 
     with torch.device(device):
         frozen = FrozenBranch(FPTConfig.preset("fpt", backbone=spec[0], backbone_kwargs=dict(spec[2]),
                                                image_size=res))
     dtype_text = common.dtype_name(frozen.compute_dtype(torch.device(device)))
-    r = row("forward", "frozen_forward", dtype_text)
     x = torch.randn(args.batch, 3, res, res, device=device, generator=gen)
-    if budget.expired():
-        r.update(status="skipped", reason=budget.reason)
-    else:
-        try:
-            ms = common.time_ms(lambda: frozen(x), device, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
-            r.update(median_ms=ms, images_per_s=args.batch / (ms * 1e-3))
-        except Exception as exc:
-            r.update(common.failure_fields(exc))
+
+    def forward_alone():
+        ms = common.time_ms(lambda: frozen(x), device, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
+        return dict(median_ms=ms, images_per_s=args.batch / (ms * 1e-3))
+    measure("forward", "frozen_forward", forward_alone, dtype=dtype_text)
     del x
 
     def extract(batch):
         frozen(batch["frozen"].to(device, non_blocking=True))
         return len(batch["label"])
 
-    r = row("pipeline", "pil_loader+frozen", dtype_text)
-    if budget.expired():
-        r.update(status="skipped", reason=budget.reason)
-    else:
-        try:
-            r.update(steady_rate(loader(), extract, device))
-        except Exception as exc:
-            r.update(common.failure_fields(exc))
+    measure("pipeline", "pil_loader+frozen", lambda: steady_rate(loader(), extract, device), dtype=dtype_text)
 
     gpu_transform = DeviceFrozenTransform((res, res), IMAGENET_MEAN, IMAGENET_STD)
     gpu_dataset = FPTDataset(split, side=None, frozen=gpu_transform)
@@ -182,21 +177,11 @@ def bench_resolution(args, res: int, root: Path, device, budget, gen, label: str
         for batch in make_loader(gpu_dataset, args.batch, args.workers, torch.device(device)):
             yield decode_on_device(batch, gpu_transform, split, torch.device(device))
 
-    for mode, provider, consume, dtype in (("decode", "gpu_decode", lambda b: len(b["label"]), "float32"),
-                                           ("pipeline", "gpu_decode+frozen", extract, dtype_text)):
-        r = row(mode, provider, dtype)
-        reason = gpu_decode_reason(device, args.smoke)
-        if reason is None and budget.expired():
-            reason = budget.reason
-        if reason is not None:
-            r.update(status="skipped", reason=reason)
-            continue
-        try:
-            r.update(steady_rate(gpu_batches(), consume, device))
-            if provider == "gpu_decode":
-                r.update(pixels_against_pil(split, transform, gpu_transform, device))
-        except Exception as exc:
-            r.update(common.failure_fields(exc))
+    gpu_reason = gpu_decode_reason(device, args.smoke)
+    measure("decode", "gpu_decode", lambda: steady_rate(gpu_batches(), count, device),
+            lambda: pixels_against_pil(split, transform, gpu_transform, device), reason=gpu_reason)
+    measure("pipeline", "gpu_decode+frozen", lambda: steady_rate(gpu_batches(), extract, device), dtype=dtype_text,
+            reason=gpu_reason)
 
     del frozen
     common.clear(device)

@@ -15,5 +15,5 @@
     metrics       classification metrics, PPE and PME
     distributed   torchrun processes: process group, devices, collectives
     cli, demo     the fpt-fast command line and its self-contained demo
-    info          ``python -m fpt_fast.info``
+    environment_report  the reports of ``python -m fpt_fast.info`` (fpt_fast/info.py)
 """

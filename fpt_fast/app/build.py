@@ -84,9 +84,13 @@ def gpu_decode_device_problem(settings: Settings, device: torch.device) -> Optio
     return None if problem is None else f"setting preload.decode='gpu': {problem}"
 
 
-def check_store(store: FeatureStore, settings: Settings, model: FPT) -> FeatureStore:
+def check_store(store: FeatureStore, settings: Settings, model: FPT,
+                backbone_sha256: Optional[str] = None) -> FeatureStore:
     """store, its fingerprint checked against this run's (ValueError naming every difference); the
-    frozen inputs' transform is preloading's (preload_transform)."""
+    frozen inputs' transform is preloading's (preload_transform). backbone_sha256: the frozen
+    backbone's weights_sha256 when the caller has it already (hashing the weights again costs
+    some 0.5 s per GB of them)."""
     store.check_fingerprint(fingerprint(model, preload_transform(settings, model).description(),
-                                        settings.preload.dtype, local_device(settings.preload.device)))
+                                        settings.preload.dtype, local_device(settings.preload.device),
+                                        backbone_sha256))
     return store

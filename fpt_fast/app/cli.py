@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("preload", help="compute the frozen branch's K_sel/V_sel once into a feature store")
     _common(p)
-    p.add_argument("--verify", action="store_true", help="check the store afterwards (hashes, values, "
+    p.add_argument("--verify", action="store_true", help="check the store afterwards (CRC-32 checksums, values, "
                    "recomputed samples) and measure its read rate")
     p.add_argument("--recompute", type=int, default=4, metavar="N",
                    help="samples per split recomputed by --verify (default 4)")

@@ -115,7 +115,8 @@ def evaluate(settings: Settings, checkpoint_path: Union[str, Path], split_name: 
     transform = frozen_transform(settings, model)
     split_store = None
     if data.store is not None and not side_only:
-        store = check_store(FeatureStore(data.store), settings, model)
+        # model_from_checkpoint checked the backbone against the hash the checkpoint records
+        store = check_store(FeatureStore(data.store), settings, model, checkpoint.get("backbone_sha256"))
         if split_name in store.splits():
             split_store = store.split(split_name, [(s.path, s.label) for s in split.samples])
     features_online = not side_only and split_store is None

@@ -243,7 +243,7 @@ def _batch_records(model: FPT, batch: dict, device: torch.device, dtype: str,
 
 
 def verify_store(settings: Settings, recompute: int = 4, log: Log = print) -> VerifyReport:
-    """Checks data.store (files, hashes, finite values, and ``recompute`` recomputed samples per
+    """Checks data.store (files, CRC-32 checksums, finite values, and ``recompute`` recomputed samples per
     split when data.root is set) and measures its read rate."""
     data = settings.data
     if data.store is None:

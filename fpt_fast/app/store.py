@@ -488,7 +488,6 @@ class StoreWriter:
 
     def __init__(self, path: Union[str, Path], run_fingerprint: dict, feature_shape: Sequence[int],
                  classes: Sequence[str], shard_mb: float, holds_lock: bool = True):
-        self.fingerprint = run_fingerprint
         self.fingerprint_sha256 = fingerprint_digest(run_fingerprint)
         self.feature_shape = tuple(int(s) for s in feature_shape)
         self.dtype = run_fingerprint["stored_dtype"]
@@ -747,7 +746,9 @@ def _all_finite(file: Path, dtype: str, chunk_elements: int = 32 * 2 ** 20) -> b
 
 def measure_read_rate(split: StoreSplit, batch_size: int = 16, max_seconds: float = 5.0,
                       seed: int = 0) -> Tuple[float, float]:
-    """(samples/s, MB/s) of reading random batches into torch tensors, as a training step does."""
+    """(samples/s, MB/s) of reading random batches of records into torch tensors (read_batch): the
+    store's side of a training step's reads (FPTDataset reads a record per sample, then the loader
+    stacks them: one copy more)."""
     positions = split.present_positions()
     random.Random(seed).shuffle(positions)
     start = time.perf_counter()

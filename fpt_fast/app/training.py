@@ -280,7 +280,7 @@ class Trainer:
         data, opts = self.settings.data, self.settings.train
         transform = frozen_transform(self.settings, self.model)
         if store is not None:
-            check_store(store, self.settings, self.model)
+            check_store(store, self.settings, self.model, self.backbone_digest)
 
         def dataset(split: ImageFolderSplit, train_mode: bool) -> FPTDataset:
             side = side_transform(data, self.model.config.side_input_size, train=train_mode)
@@ -306,9 +306,9 @@ class Trainer:
         return parameters, optimizer, scheduler
 
     def _build_class_weights(self, train_split: ImageFolderSplit) -> Optional[Tensor]:
-        """train.class_weights on the device (None: all classes weigh 1)."""
-        weights = class_weight_tensor(self.settings.train.class_weights, train_split.labels(), len(self.classes))
-        return weights.to(self.device) if weights is not None else None
+        """train.class_weights on the CPU, where the loader's labels are: a step sums its weights
+        there, without waiting for the device (None: all classes weigh 1)."""
+        return class_weight_tensor(self.settings.train.class_weights, train_split.labels(), len(self.classes))
 
     def _restore(self, checkpoint: dict) -> None:
         self.model.load_trainable_state_dict(checkpoint["model"])
@@ -428,15 +428,18 @@ class Trainer:
         loader = make_loader(self.train_set, num_workers=self.settings.data.num_workers, device=device,
                              batch_sampler=self.batches)
         start = time.perf_counter()
-        seen, loss_sum, correct = 0, 0.0, 0  # loss_sum: this process's share of sum(batch loss * batch size)
+        seen, loss_sum = 0, 0.0  # loss_sum: this process's share of sum(batch loss * batch size)
+        correct = torch.zeros((), dtype=torch.long, device=device)  # read once, after the epoch
         bar = Progress(opts.progress and group.is_main, f"epoch {epoch + 1}/{opts.epochs}", total=len(loader))
         for step, batch in enumerate(loader):
             bar.update()
             error = self._handle_bad_images(batch["bad"])
+            # The weights are summed on the CPU: no synchronisation with the device before the forward.
+            weights = (self.class_weights[batch["label"]] if self.class_weights is not None
+                       else torch.ones(len(batch["label"])))
+            local_weight = float(weights.sum())
             labels = batch["label"].to(device, non_blocking=True)
-            weights = (self.class_weights[labels] if self.class_weights is not None
-                       else torch.ones(len(labels), device=device))
-            local_weight = weights.sum().item()
+            weights = weights.to(device, non_blocking=True)
             weight_total, count, failed = group.all_reduce([local_weight, len(labels), error is not None])
             _stop_together(error, failed)
             if weight_total <= 0:  # no readable image (or only zero class weights) in the whole global batch
@@ -467,13 +470,13 @@ class Trainer:
             seen += int(count)
             loss_sum += local_value * count / weight_total
             if has_images:
-                correct += int((logits.argmax(-1) == labels).sum())
+                correct += (logits.argmax(-1) == labels).sum()
             if bar.shown:
                 elapsed = max(time.perf_counter() - start, 1e-9)
                 bar.show(loss=f"{local_value / max(local_weight, 1e-12):.4f}", img_s=f"{seen / elapsed:.0f}",
                          mem=f"{memory_mb(device):.0f}MB")
         bar.close()
-        loss_sum, correct = group.all_reduce([loss_sum, correct])
+        loss_sum, correct = group.all_reduce([loss_sum, int(correct)])
         if not math.isfinite(loss_sum):  # a sample of class weight 0 with an infinite loss
             raise self._diverged(epoch, f"the epoch's loss is {loss_sum / max(seen, 1):.4g}")
         bad = first_non_finite(self.model.trainable_state_dict())  # the same on every process

@@ -40,6 +40,24 @@ def test_evaluating_the_best_checkpoint_repeats_its_validation(run):
     assert online.metrics["auc"] == pytest.approx(evaluation.metrics["auc"], abs=1e-6)
 
 
+def test_the_frozen_backbone_is_hashed_once_per_evaluation_and_training(run, tmp_path, monkeypatch):
+    """The checkpoint check and the store's fingerprint check share one weights_sha256 of the
+    backbone (hashing a large backbone's weights takes seconds)."""
+    from fpt_fast.app import checkpoints, store, training
+    calls, original = [], store.weights_sha256
+
+    def counted(module):
+        calls.append(module)
+        return original(module)
+    for module in (checkpoints, store, training):
+        monkeypatch.setattr(module, "weights_sha256", counted)
+    evaluate(run.settings, run.out_dir / "best.pt", "val", **QUIET)
+    assert len(calls) == 1
+    calls.clear()
+    train(run.settings.replace("train", out_dir=str(tmp_path / "again")), **QUIET)
+    assert len(calls) == 1
+
+
 def test_predictions_agree_with_the_evaluation(run, tmp_path):
     evaluation = evaluate(run.settings, run.out_dir / "best.pt", "test", **QUIET)
     rows = predict(run.settings, run.out_dir / "best.pt", run.settings.data.root + "/test", tmp_path / "p.csv",

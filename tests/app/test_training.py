@@ -100,6 +100,21 @@ def test_class_weights():
         class_weight_tensor([1.0, 2.0], labels, 3)
 
 
+def test_uniform_class_weights_train_exactly_like_none(tmp_path):
+    """The loss is the weighted mean over the global batch, so a weight of 2 for every class (a
+    power of two: exact in floating point) gives the same weights, loss and accuracy bit for bit."""
+    settings = tiny_settings(tmp_path, "train.epochs=1", "train.val_split=null", "data.store=null")
+    plain = train(settings.replace("train", out_dir=str(tmp_path / "plain")), **QUIET)
+    doubled = train(settings.replace("train", out_dir=str(tmp_path / "doubled"), class_weights=[2.0, 2.0, 2.0]),
+                    **QUIET)
+    a, b = load_checkpoint(tmp_path / "plain" / "last.pt"), load_checkpoint(tmp_path / "doubled" / "last.pt")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert [(r["train_loss"], r["train_acc"]) for r in plain.history] == \
+        [(r["train_loss"], r["train_acc"]) for r in doubled.history]
+    correct = plain.history[0]["train_acc"] * 12  # 12 training images
+    assert correct == round(correct)
+
+
 def test_loss_falls_and_the_best_epoch_is_kept(tmp_path):
     settings = tiny_settings(tmp_path, "train.epochs=4", "train.lr=3e-3", "model.dropout=0.0")
     preload(settings, **QUIET)

@@ -183,6 +183,7 @@ def test_preload_smoke(out):
     for provider in ("gpu_decode", "gpu_decode+frozen"):  # the option's code path, on the CPU in --smoke
         assert by[provider]["status"] == "ok" and by[provider]["images_per_s"] > 0, provider
     assert by["pil_loader+frozen"]["gpu_decode_vs_pil"] > 0
+    assert by["gpu_decode"]["levels_vs_pil_max"] >= 0 and 0 <= by["gpu_decode"]["share_off_vs_pil"] <= 1
 
 
 def test_synthetic_jpegs_decode_to_their_size(tmp_path):
