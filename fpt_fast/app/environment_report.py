@@ -134,10 +134,12 @@ def backbone_report(backbone: str, image_size: Sequence[int], batch: int = 1, ba
     N = info.num_prefix_tokens + grid[0] * grid[1]
     prefix = (f"{info.num_prefix_tokens} ({'class token' if info.has_class_token else 'no class token'}, "
               f"{info.num_register_tokens} register tokens)")
+    position_embeddings = " and ".join(kind for kind, present in (("absolute", info.abs_pos_embed),
+                                                                   ("rotary", info.rotary)) if present) or "none"
     lines = [f"backbone {backbone} ({info.architecture}, {info.num_parameters / 1e6:.1f} M parameters)",
              f"  width {info.embed_dim}, {info.num_heads} heads of head size {info.head_dim}, depth {info.depth}, "
              f"patch {ph} x {pw}, prefix tokens {prefix}, "
-             f"position embeddings: {'rotary' if info.rotary else 'absolute'}",
+             f"position embeddings: {position_embeddings}",
              f"  at {h} x {w}: grid {grid[0]} x {grid[1]}, N = {N} tokens", ""]
     lines.append(f"kernel paths on {device.type} ({str(dtype).replace('torch.', '')}"
                  f"{', assumed: no GPU here' if absent else ''}, head size {info.head_dim}):")

@@ -96,6 +96,22 @@ def test_backbone_report_of_a_tiny_backbone(capsys):
         assert rows[preset][4] == f"{peak / 2 ** 20:,.1f}"
 
 
+@pytest.mark.parametrize("backbone, kwargs, kinds", [
+    ("vit_tiny_patch16_224", {"depth": 1}, "absolute"),
+    ("vit_small_patch16_dinov3_qkvb", {"depth": 1}, "rotary"),                  # DINOv3: rope only
+    ("eva02_tiny_patch14_224", {"depth": 1}, "absolute and rotary"),            # EVA02: both
+    ("vit_tiny_patch16_224", {"depth": 1, "pos_embed": "none"}, "none"),
+])
+def test_backbone_report_names_every_kind_of_position_embedding(backbone, kwargs, kinds, capsys):
+    import yaml
+
+    from fpt_fast import info as info_command
+
+    assert info_command.main(["--backbone", backbone, "--image-size", "224", "224", "--device", "cpu",
+                              "--backbone-kwargs", yaml.safe_dump(kwargs, default_flow_style=True)]) == 0
+    assert f"position embeddings: {kinds}\n" in capsys.readouterr().out
+
+
 def test_backbone_report_refuses_bad_input(capsys):
     from fpt_fast import info as info_command
 
