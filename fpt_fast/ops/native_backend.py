@@ -253,7 +253,8 @@ def select_tokens(scores: Tensor, k: Tensor, v: Tensor, n: int, out_dtype: Optio
                   return_indices: bool = False) -> Tuple[Tensor, ...]:
     """The n best tokens per (b, h) in ascending token index: k_sel, v_sel (B, H, n, d), and with
     return_indices their token indices (B, H, n) int64, written by the same kernel."""
-    op = _ops().select_tokens_with_indices if return_indices else _ops().select_tokens
+    native = _ops()
+    op = native.select_tokens_with_indices if return_indices else native.select_tokens
     with torch.no_grad():
         return tuple(op(scores, k, v, n, out_dtype))
 
