@@ -14,6 +14,5 @@ from .model import (FPT, FeaturesWithScores, FineGrainedFusion, FPTConfig, FPTTr
 from .ops import backend_table, get_backend, set_backend, use_backend
 
 __all__ = ["FPT", "FPTConfig", "FPTTransforms", "FeaturesWithScores", "FineGrainedFusion", "FrozenBranch",
-           "FrozenFeatures",
-           "LearnableBranch", "SideViT", "load_official_checkpoint", "backend_table", "get_backend", "set_backend",
-           "use_backend", "__version__"]
+           "FrozenFeatures", "LearnableBranch", "SideViT", "load_official_checkpoint", "backend_table", "get_backend",
+           "set_backend", "use_backend", "__version__"]

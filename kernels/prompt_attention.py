@@ -39,9 +39,9 @@ registers, and chunks are reduced in order by _sum_chunks_kernel. The default ch
 gives 4 images per program there, a grid of 2304 programs each walking 16 dependent key blocks:
 about 2 waves of too little memory parallelism, which is the likely reason the backward ran at a
 fifth of the forward's speed on an H100. batch_chunk=1 gives the forward's grid (one program per
-(l, b, h)) for 37.7 MB of fp32 partials written and read back by the reduction (+16 % bytes). dK/dV stay in the same kernel: with P <= 64
-prompts all rows of a (l, b, h) sit in one program, so splitting dQ from dK/dV would only read K and
-V twice; delta = rowsum(dout * out) is P x d per (l, b, h), fused for the same reason. P = 16 rows
+(l, b, h)) for 37.7 MB of fp32 partials written and read back by the reduction (+16 % bytes).
+dK/dV stay in the same kernel: with P <= 64 prompts all rows of a (l, b, h) sit in one program, so
+splitting dQ from dK/dV would only read K and V twice; delta = rowsum(dout * out) is P x d per (l, b, h), fused for the same reason. P = 16 rows
 make m16 tensor-core tiles (mma.sync, not Hopper's 64-row wgmma); computing S^T = K q^T would give
 64-row tiles, untried since the passes are memory-bound. TUNING_CANDIDATES lists the launch
 variants (batch chunk, key block, warps, stages, float32 dot precision) that benchmarks/kernels.py

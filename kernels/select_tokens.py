@@ -321,6 +321,13 @@ def _gather_kernel(
 
 
 # ------------------------------------------------------------------------------------ launcher
+def _whole_sm_registers(warps: int) -> int:
+    """maxnreg of a program running a threshold search: a whole SM's 65536 registers for one program
+    of ``warps`` warps, at most 255 per thread (ptxas otherwise caps 16 warps at 64 registers per
+    thread and spills)."""
+    return min(255, 65536 // (32 * warps))
+
+
 class Layout(NamedTuple):
     """How a row of N tokens is cut: chunks of `chunk` tokens (the gather tile and the split path's
     unit), `chunks` of them; the threshold search's blocks A and B of chunks_a and chunks_b chunks
@@ -339,9 +346,8 @@ class Layout(NamedTuple):
 
     @property
     def threshold_registers(self) -> int:
-        """maxnreg of the threshold search: a whole SM's registers for one program (ptxas otherwise
-        caps 16 warps at 64 registers per thread and spills)."""
-        return min(255, 65536 // (32 * self.threshold_warps))
+        """maxnreg of the threshold search (_whole_sm_registers)."""
+        return _whole_sm_registers(self.threshold_warps)
 
     @property
     def plan_chunks(self) -> int:
@@ -396,7 +402,7 @@ def select_tokens_forward(scores: Tensor, k: Tensor, v: Tensor, n: int, out_dtyp
                 scores, k, v, k_sel, v_sel, index, H, N, n, d,
                 *scores.stride(), *k.stride(), *v.stride(),
                 **threshold, BLOCK_D=BLOCK_D, WRITE_INDEX=return_indices,
-                num_warps=warps, maxnreg=min(255, 65536 // (32 * warps)),
+                num_warps=warps, maxnreg=_whole_sm_registers(warps),
             )
         else:
             plan = torch.empty((B * H, lay.chunks + 1, 2), device=k.device, dtype=torch.int32)

@@ -54,7 +54,7 @@ def select_tokens(scores: Tensor, k: Tensor, v: Tensor, n: int, out_dtype: Optio
     kernel as the rows; without it no index tensor is made.
     """
     check_float("scores", scores)
-    check_qkv(k, v, None)
+    check_qkv(k, v, None, names=("k", "v"))
     if scores.dim() != 3 or scores.shape != k.shape[:3]:
         raise ValueError(f"scores ({describe(scores)}) must be (B, H, N) = {tuple(k.shape[:3])}, matching k")
     if scores.device != k.device:

@@ -72,9 +72,10 @@ class Backend:
     """One backend's declaration. ``module`` implements OPS with the signatures of
     fpt_fast.ops.reference. ``ops`` maps a device type to the ops it runs there ("*": any device
     type not listed). ``missing()`` says why it is not installed or built (None if it is) and may
-    be expensive (a build): it is called at most once per process, and only after a call passed the
-    declared limits. ``device_missing(device_type)`` says what it lacks on that device type once
-    installed."""
+    be expensive the first time (a build): it is asked only after a call passed the declared limits,
+    once per distinct call (_reasons caches by call), so it keeps its own answer (lru_cache, the
+    native loader's state) and is cheap after that. ``device_missing(device_type)`` says what it
+    lacks on that device type once installed."""
 
     name: str
     module: ModuleType

@@ -44,7 +44,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import native_build
+from . import fake_outputs, native_build
 
 NAMESPACE = "fpt_fast_native"
 
@@ -253,7 +253,8 @@ def select_tokens(scores: Tensor, k: Tensor, v: Tensor, n: int, out_dtype: Optio
                   return_indices: bool = False) -> Tuple[Tensor, ...]:
     """The n best tokens per (b, h) in ascending token index: k_sel, v_sel (B, H, n, d), and with
     return_indices their token indices (B, H, n) int64, written by the same kernel."""
-    op = _ops().select_tokens_with_indices if return_indices else _ops().select_tokens
+    native = _ops()
+    op = native.select_tokens_with_indices if return_indices else native.select_tokens
     with torch.no_grad():
         return tuple(op(scores, k, v, n, out_dtype))
 
@@ -266,35 +267,16 @@ def prompt_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 
 # -------------------------------------------------- what the C++ side does not register itself
 def _register_python_side() -> None:
-    """Fake implementations of every op (shapes only, for torch.compile) and the autograd formula of
-    prompt_attention."""
-    def importance(q, k, lse, class_token):
-        return q.new_empty(q.shape[:3], dtype=torch.float32)
-
-    def attention(q, k, v, class_token):
-        return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
-
-    def select(scores, k, v, n, out_dtype):
-        shape = (*k.shape[:2], n, k.shape[-1])
-        dtype = out_dtype or k.dtype
-        return k.new_empty(shape, dtype=dtype), k.new_empty(shape, dtype=dtype)
-
-    def select_with_indices(scores, k, v, n, out_dtype):
-        return (*select(scores, k, v, n, out_dtype), k.new_empty((*k.shape[:2], n), dtype=torch.long))
-
-    def prompt(q, k, v):
-        L, B, H, n, d = k.shape
-        P = q.shape[-2]
-        return q.new_empty((L, B, P, H * d)), q.new_empty((L, B, H, P), dtype=torch.float32)
-
+    """Fake implementations of every op (fpt_fast.ops.fake_outputs: shapes only, for torch.compile)
+    and the autograd formula of prompt_attention."""
     def prompt_backward(grad_out, q, k, v, lse, need_kv_grad):
-        if need_kv_grad:
-            return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        return torch.empty_like(q), k.new_empty(0), v.new_empty(0)
+        return fake_outputs.prompt_attention_grads(q, k, v, need_kv_grad)
 
-    for name, fn in (("token_importance", importance), ("attention_with_importance", attention),
-                     ("select_tokens", select), ("select_tokens_with_indices", select_with_indices),
-                     ("prompt_attention", prompt),
+    for name, fn in (("token_importance", fake_outputs.importance),
+                     ("attention_with_importance", fake_outputs.attention_with_importance),
+                     ("select_tokens", fake_outputs.selected),
+                     ("select_tokens_with_indices", fake_outputs.selected_with_indices),
+                     ("prompt_attention", fake_outputs.prompt_attention),
                      ("prompt_attention_backward", prompt_backward)):
         try:
             torch.library.register_fake(f"{NAMESPACE}::{name}")(fn)

@@ -1,5 +1,5 @@
 """The "triton" backend: the kernels of fpt_fast.kernels registered as torch custom ops, with fake
-implementations (so torch.compile traces them) and autograd for prompt attention. The module-level
+implementations (fpt_fast.ops.fake_outputs, so torch.compile traces them) and autograd for prompt attention. The module-level
 functions at the end have the signatures of fpt_fast.ops.reference."""
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
+
+from . import fake_outputs
 
 
 # Where attention_with_importance takes the attention output and row LSE that its importance kernel
@@ -34,9 +36,7 @@ def _attention_with_importance(q: Tensor, k: Tensor, v: Tensor, class_token: boo
     return out, kernel.token_importance_forward(q, k, lse)
 
 
-@_attention_with_importance.register_fake
-def _(q, k, v, class_token):
-    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+_attention_with_importance.register_fake(fake_outputs.attention_with_importance)
 
 
 @torch.library.custom_op("fpt_fast::token_importance", mutates_args=())
@@ -50,9 +50,7 @@ def _token_importance(q: Tensor, k: Tensor, lse: Optional[Tensor], class_token: 
     return kernel.token_importance_forward(q, k, lse)
 
 
-@_token_importance.register_fake
-def _(q, k, lse, class_token):
-    return q.new_empty(q.shape[:3], dtype=torch.float32)
+_token_importance.register_fake(fake_outputs.importance)
 
 
 @torch.library.custom_op("fpt_fast::select_tokens", mutates_args=())
@@ -63,11 +61,7 @@ def _select_tokens(scores: Tensor, k: Tensor, v: Tensor, n: int,
     return kernel.select_tokens_forward(scores, k, v, n, out_dtype or k.dtype)
 
 
-@_select_tokens.register_fake
-def _select_tokens_fake(scores, k, v, n, out_dtype):
-    shape = (*k.shape[:2], n, k.shape[-1])
-    dtype = out_dtype or k.dtype
-    return k.new_empty(shape, dtype=dtype), v.new_empty(shape, dtype=dtype)
+_select_tokens.register_fake(fake_outputs.selected)
 
 
 @torch.library.custom_op("fpt_fast::select_tokens_with_indices", mutates_args=())
@@ -78,9 +72,7 @@ def _select_tokens_with_indices(scores: Tensor, k: Tensor, v: Tensor, n: int,
     return kernel.select_tokens_forward(scores, k, v, n, out_dtype or k.dtype, return_indices=True)
 
 
-@_select_tokens_with_indices.register_fake
-def _(scores, k, v, n, out_dtype):
-    return (*_select_tokens_fake(scores, k, v, n, out_dtype), k.new_empty((*k.shape[:2], n), dtype=torch.long))
+_select_tokens_with_indices.register_fake(fake_outputs.selected_with_indices)
 
 
 @torch.library.custom_op("fpt_fast::prompt_attention", mutates_args=())
@@ -90,11 +82,7 @@ def _prompt_attention(q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
     return kernel.prompt_attention_forward(q, k, v)
 
 
-@_prompt_attention.register_fake
-def _(q, k, v):
-    L, B, H, n, d = k.shape
-    P = q.shape[-2]
-    return q.new_empty((L, B, P, H * d)), q.new_empty((L, B, H, P), dtype=torch.float32)
+_prompt_attention.register_fake(fake_outputs.prompt_attention)
 
 
 @torch.library.custom_op("fpt_fast::prompt_attention_backward", mutates_args=())
@@ -110,9 +98,7 @@ def _prompt_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor
 
 @_prompt_attention_backward.register_fake
 def _(grad_out, q, k, v, out, lse, need_kv_grad):
-    if need_kv_grad:
-        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    return torch.empty_like(q), k.new_empty(0), v.new_empty(0)
+    return fake_outputs.prompt_attention_grads(q, k, v, need_kv_grad)
 
 
 def _prompt_attention_setup(ctx, inputs, output):

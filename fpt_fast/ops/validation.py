@@ -31,21 +31,21 @@ def check_same(names: Sequence[str], tensors: Sequence[Tensor]) -> None:
             raise ValueError(f"{name} ({describe(t)}) and {first_name} ({describe(first)}) must be on the same device")
 
 
-def check_qkv(q: Tensor, k: Tensor, v: Optional[Tensor]) -> None:
-    names, tensors = ["q", "k"], [q, k]
-    if v is not None:
-        names.append("v")
-        tensors.append(v)
+def check_qkv(q: Tensor, k: Tensor, v: Optional[Tensor], names: Sequence[str] = ("q", "k", "v")) -> None:
+    """q, k and v (unless None): float tensors of one 4-D (B, H, N, d) shape, dtype and device, not
+    empty. ``names``: the arguments as the errors name them (select_tokens checks its k, v here)."""
+    tensors = [t for t in (q, k, v) if t is not None]
+    names = list(names[:len(tensors)])
     for name, t in zip(names, tensors):
         check_float(name, t)
         if t.dim() != 4:
             raise ValueError(f"{name} ({describe(t)}) must be 4-D (B, H, N, d)")
     for name, t in zip(names[1:], tensors[1:]):
         if t.shape != q.shape:
-            raise ValueError(f"{name} ({describe(t)}) must have the shape of q ({tuple(q.shape)})")
+            raise ValueError(f"{name} ({describe(t)}) must have the shape of {names[0]} ({tuple(q.shape)})")
     check_same(names, tensors)
     if q.numel() == 0:
-        raise ValueError(f"q ({describe(q)}) is empty: B, H, N and d must all be >= 1")
+        raise ValueError(f"{names[0]} ({describe(q)}) is empty: B, H, N and d must all be >= 1")
 
 
 def check_importance(importance: str) -> None:

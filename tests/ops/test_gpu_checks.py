@@ -10,7 +10,8 @@ bfloat16.
 Shapes: the odd ones of the ops' own CPU tests, then ViT-B/16 (H = 12) and ViT-L/16 (H = 16) heads,
 d = 64, at 512, 1024 and 2048 px (N = 1025, 4097, 16385). The same test bodies run on the CPU, under
 Triton's interpreter, for the first odd shapes of each list (CPU_TWINS) and the first backend named;
-the other odd shapes, backends and the realistic sizes carry the `cuda` marker. Truth is float64 (query rows in blocks: never N x N).
+the other odd shapes, backends and the realistic sizes carry the `cuda` marker. Truth is float64
+(query rows in blocks: never N x N).
 Accuracy follows the project's convention: low-precision results may be at most twice as far from
 the float64 truth as PyTorch's own computation in the same dtype, plus one rounding step.
 """

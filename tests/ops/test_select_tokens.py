@@ -365,6 +365,17 @@ def test_bad_inputs_raise_before_launch(backend, device, monkeypatch):
     assert not launches
 
 
+def test_bad_k_v_errors_name_k_and_v(device):
+    """The errors about k and v name them as the caller does (not as the q, k of the attention ops)."""
+    scores, k, v = _inputs(2, 2, 9, 16, device, seed=0)
+    with pytest.raises(ValueError, match=r"^v \(shape \(2, 2, 9, 8\).*must have the shape of k \(\(2, 2, 9, 16\)\)"):
+        ops.select_tokens(scores, k, v[..., :8], 2, backend="torch")
+    with pytest.raises(TypeError, match=r"^v \(.*torch.float16.*\) and k \(.*\) must have the same dtype"):
+        ops.select_tokens(scores, k, v.half(), 2, backend="torch")
+    with pytest.raises(ValueError, match=r"^k \(shape \(2, 2, 9\).*must be 4-D"):
+        ops.select_tokens(scores, k[..., 0], v, 2, backend="torch")
+
+
 # -------------------------------------------------------------------------- realistic, GPU
 @pytest.mark.cuda
 @pytest.mark.parametrize("B, N", [(32, 1025), (32, 4097), (2, 16385)])
