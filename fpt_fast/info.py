@@ -17,25 +17,28 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fpt_fast.info", description=__doc__.split("\n\n")[0])
     parser.add_argument("--backbone", help="a backbone as model.backbone takes it (timm name, hf-hub:, local-dir:)")
     parser.add_argument("--image-size", nargs=2, type=int, metavar=("H", "W"), help="frozen-branch input size")
-    parser.add_argument("--batch", type=int, default=1, help="images per frozen forward (memory estimate)")
-    parser.add_argument("--backbone-kwargs", default="{}", metavar="YAML",
+    parser.add_argument("--batch", type=int, help="images per frozen forward (memory estimate; default 1)")
+    parser.add_argument("--backbone-kwargs", metavar="YAML",
                         help="model.backbone_kwargs as a YAML mapping, e.g. '{mlp_layer: SwiGLUPacked}'")
     parser.add_argument("--device", help="device type of the kernel paths (default: cuda when present, else cpu)")
     args = parser.parse_args(argv)
     if args.backbone is None:
-        if args.image_size is not None:
-            parser.error("--image-size needs --backbone")
+        # These describe a backbone: without one they would be ignored, so they are refused.
+        for flag in ("image_size", "batch", "backbone_kwargs", "device"):
+            if getattr(args, flag) is not None:
+                parser.error(f"--{flag.replace('_', '-')} needs --backbone")
         print(report())
         return 0
     if args.image_size is None:
         parser.error("--backbone needs --image-size H W")
-    if args.batch < 1:
+    batch = 1 if args.batch is None else args.batch
+    if batch < 1:
         parser.error("--batch must be >= 1")
     try:
-        kwargs = yaml.safe_load(args.backbone_kwargs) or {}
+        kwargs = yaml.safe_load(args.backbone_kwargs or "{}") or {}
         if not isinstance(kwargs, dict):
             raise ValueError(f"--backbone-kwargs {args.backbone_kwargs!r} is not a YAML mapping")
-        print(backbone_report(args.backbone, args.image_size, args.batch, kwargs, args.device))
+        print(backbone_report(args.backbone, args.image_size, batch, kwargs, args.device))
     except (ValueError, yaml.YAMLError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

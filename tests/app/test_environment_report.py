@@ -120,3 +120,8 @@ def test_backbone_report_refuses_bad_input(capsys):
         capsys.readouterr().err
     assert info_command.main(["--backbone", "no_such_vit", "--image-size", "64", "64"]) == 2
     assert "unknown timm model 'no_such_vit'" in capsys.readouterr().err
+    for flags in (["--image-size", "64", "64"], ["--batch", "4"], ["--backbone-kwargs", "{depth: 2}"],
+                  ["--device", "cuda"]):
+        with pytest.raises(SystemExit):  # a backbone's flag without --backbone is refused, not ignored
+            info_command.main(flags)
+        assert f"{flags[0]} needs --backbone" in capsys.readouterr().err
